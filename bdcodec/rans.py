@@ -1,0 +1,113 @@
+"""rANS coding of the latent's residual symbols with ``constriction``.
+
+Each symbol is ``r = round(y - mu)`` under a zero-mean quantized Gaussian whose
+standard deviation is ``SCALE_TABLE[idx]``: the probability tables depend only on
+the integer index, never on float noise in mu or sigma.  Residuals outside
+``[-ALPHABET + 1, ALPHABET - 1]`` are coded as the escape symbol ``+-ALPHABET``
+and their excess magnitude goes, as a varint, to a separate escape stream.
+
+All passes share one stack coder (LIFO): the encoder pushes the passes in
+reverse, so the decoder pops them in coding order, one vectorized call per pass.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import constriction
+import numpy as np
+
+from .entropy import SCALE_TABLE
+from .errors import BdcError
+
+__all__ = ["ALPHABET", "PassEncoder", "PassDecoder"]
+
+ALPHABET = 255
+_STDS = SCALE_TABLE.double().numpy()
+_FAMILY = constriction.stream.model.QuantizedGaussian(-ALPHABET, ALPHABET)
+
+
+def _varint(n: int, out: bytearray) -> None:
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return
+
+
+class PassEncoder:
+    """Collects the passes in coding order; :meth:`finish` returns the streams."""
+
+    def __init__(self):
+        self.passes: list[tuple[np.ndarray, np.ndarray]] = []
+        self.escapes = bytearray()
+        self.crc = 0
+
+    def add(self, residuals: np.ndarray, indexes: np.ndarray) -> np.ndarray:
+        """Queue one pass; returns the residuals as the decoder will see them (int64)."""
+        r = residuals.astype(np.int64).ravel()
+        big = np.abs(r) >= ALPHABET
+        for v in r[big]:
+            _varint(int(abs(v)) - ALPHABET, self.escapes)
+        sym = np.where(big, np.sign(r) * ALPHABET, r).astype(np.int32)
+        self.crc = zlib.crc32(r.astype("<i8").tobytes(), self.crc)
+        self.passes.append((sym, indexes.astype(np.int64).ravel()))
+        return r
+
+    def finish(self) -> tuple[bytes, bytes, int]:
+        """(y stream, escape stream, symbol CRC)."""
+        coder = constriction.stream.stack.AnsCoder()
+        for sym, idx in reversed(self.passes):
+            if sym.size:
+                coder.encode_reverse(sym, _FAMILY, np.zeros(sym.size), _STDS[idx])
+        words = coder.get_compressed().astype("<u4").tobytes()
+        return words, bytes(self.escapes), self.crc
+
+
+class PassDecoder:
+    """Pops the passes in coding order from a y stream."""
+
+    def __init__(self, y: bytes, escapes: bytes):
+        words = np.frombuffer(y, dtype="<u4").astype(np.uint32)
+        try:
+            self.coder = constriction.stream.stack.AnsCoder(words)
+        except Exception as exc:  # constriction rejects some invalid streams up front
+            raise BdcError(f"corrupt file: invalid y stream ({exc})") from None
+        self.escapes, self.esc_pos = escapes, 0
+        self.crc = 0
+
+    def _read_escape(self) -> int:
+        n = shift = 0
+        while True:
+            if self.esc_pos >= len(self.escapes) or shift > 35:
+                raise BdcError("corrupt file: escape stream too short")
+            b = self.escapes[self.esc_pos]
+            self.esc_pos += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return n
+
+    def next(self, indexes: np.ndarray) -> np.ndarray:
+        idx = indexes.astype(np.int64).ravel()
+        if not idx.size:
+            return np.zeros(0, dtype=np.int64)
+        try:
+            sym = self.coder.decode(_FAMILY, np.zeros(idx.size), _STDS[idx]).astype(np.int64)
+        except Exception as exc:
+            raise BdcError(f"corrupt file: y stream does not decode ({exc})") from None
+        esc = np.flatnonzero(np.abs(sym) == ALPHABET)
+        for k in esc:
+            sym[k] = np.sign(sym[k]) * (ALPHABET + self._read_escape())
+        self.crc = zlib.crc32(sym.astype("<i8").tobytes(), self.crc)
+        return sym
+
+    def finish(self, expected_crc: int) -> None:
+        if self.esc_pos != len(self.escapes):
+            raise BdcError("corrupt file: unused bytes in the escape stream")
+        if self.crc != expected_crc:
+            raise BdcError(
+                "decoded symbols do not match the file's checksum (corrupt file, or the encoder's "
+                "arithmetic differs from this machine's)"
+            )

