@@ -63,8 +63,10 @@ def _jobs(args: tuple[str, ...], output_dir: str | None, suffix: str) -> list[tu
         return [(args[0], args[1])]
     if not args:
         raise click.UsageError("no input files")
-    if not Path(output_dir).is_dir():
-        raise click.UsageError(f"-o {output_dir}: not a folder")
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.UsageError(f"-o {output_dir}: cannot create folder ({exc.strerror})") from None
     if "-" in args:
         raise click.UsageError("'-' (stdin) cannot be used with -o DIR")
     return [(a, str(Path(output_dir) / (Path(a).stem + suffix))) for a in args]
@@ -95,6 +97,9 @@ def _run_batch(jobs, work, verbose: bool) -> None:
 
 
 def _codec(weights, device, threads):
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit notices from compressai's import
     if threads:
         import torch
 

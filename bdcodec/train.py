@@ -104,7 +104,7 @@ class LPIPSLoss(torch.nn.Module):
         feats = torch.load(alex_path, map_location="cpu")
         slice_of = {0: "slice1", 3: "slice2", 6: "slice3", 8: "slice4", 10: "slice5"}
         state = {f"net.{slice_of[int(k.split('.')[1])]}.{k.split('.')[1]}.{k.split('.')[2]}": v
-                 for k, v in feats.items()}
+                 for k, v in feats.items() if k.startswith("features.")}
         missing, unexpected = self.net.load_state_dict(state, strict=False)
         if unexpected or any(k.startswith("net.") for k in missing):
             raise SystemExit(f"AlexNet features did not load from {alex_path}")
@@ -211,6 +211,7 @@ def main(argv=None):
     opt = torch.optim.Adam(train_params, lr=args.lr)
     aux_opt = torch.optim.Adam([model.entropy_bottleneck.quantiles], lr=1e-3) if args.stage == "rd" else None
     step, best, history = 0, float("inf"), []
+    resumed_stage = None
     if args.resume and (run_dir / "last.pt").exists():
         ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -218,6 +219,10 @@ def main(argv=None):
         if aux_opt and ckpt.get("aux_opt"):
             aux_opt.load_state_dict(ckpt["aux_opt"])
         step, best, history, record = ckpt["step"], ckpt["best"], ckpt["history"], ckpt["record"]
+        resumed_stage = None
+        if record["stages"] and record["stages"][-1]["stage"] == args.stage:
+            resumed_stage = record["stages"][-1]
+            record = {**record, "stages": record["stages"][:-1]}
         torch.set_rng_state(ckpt["rng"])
         print(f"resumed from {run_dir / 'last.pt'} at step {step}")
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
@@ -252,6 +257,9 @@ def main(argv=None):
     stage_rec = {"stage": args.stage, "data": str(args.data), "crop": args.crop, "batch": args.batch * world,
                  "start_step": step, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "device": str(device), "lambdas": list(cfg.lambdas)}
+    if resumed_stage:
+        stage_rec.update(start_step=resumed_stage["start_step"], started=resumed_stage["started"])
+    stage_rec["minutes_before"] = (resumed_stage or {}).get("minutes", 0.0)
     try:
         from tqdm import tqdm
         bar = tqdm(total=args.steps, initial=step, disable=rank != 0, mininterval=10, dynamic_ncols=True)
@@ -311,21 +319,29 @@ def main(argv=None):
             print(json.dumps(metrics), flush=True)
             score = metrics["score"]
             rec = dict(record)
-            rec["stages"] = record["stages"] + [{**stage_rec, "steps": step - stage_rec["start_step"],
-                                                  "total_step": step, "val": metrics}]
+            rec["stages"] = record["stages"] + [_stage_entry(stage_rec, step, t_start, metrics)]
             if score < best:
                 best = score
                 _save(run_dir / "best.pt", model, opt, aux_opt, step, best, history, rec)
             _plot(history, run_dir / "curves.png")
         if rank == 0 and (time.time() - last_ckpt > args.ckpt_minutes * 60 or stop or step == args.steps):
             rec = dict(record)
-            rec["stages"] = record["stages"] + [{**stage_rec, "steps": step - stage_rec["start_step"], "total_step": step}]
+            rec["stages"] = record["stages"] + [_stage_entry(stage_rec, step, t_start, history[-1] if history else None)]
             _save(run_dir / "last.pt", model, opt, aux_opt, step, best, history, rec)
             last_ckpt = time.time()
     if bar:
         bar.close()
     if distributed:
         dist.destroy_process_group()
+
+
+def _stage_entry(stage_rec: dict, step: int, t_start: float, val: dict | None) -> dict:
+    entry = {k: v for k, v in stage_rec.items() if k != "minutes_before"}
+    entry.update(steps=step - stage_rec["start_step"], total_step=step,
+                 minutes=round(stage_rec["minutes_before"] + (time.time() - t_start) / 60, 2))
+    if val:
+        entry["val"] = val
+    return entry
 
 
 def _default_init() -> str | None:

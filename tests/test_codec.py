@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bdcodec import container
+from bdcodec.bench import psnr
+from bdcodec.errors import BdcError
+from bdcodec.model import pad_to
+
+from .conftest import EXAMPLES
+
+# Bands measured from the shipped weights on examples/ (fidelity mode), with a margin.
+BANDS = {  # quality: (bpp min, bpp max, PSNR min)
+    20: (0.05, 0.60, 24.0),
+    75: (0.15, 1.50, 27.0),
+}
+
+
+@pytest.mark.parametrize("quality", sorted(BANDS))
+def test_round_trip_on_examples_within_measured_bands(codec, quality):
+    lo, hi, min_psnr = BANDS[quality]
+    for path in EXAMPLES:
+        px = np.asarray(Image.open(path).convert("RGB"))
+        data = codec.encode(px, quality=quality)
+        out, header = codec.decode(data, mode="fidelity")
+        bpp = 8 * len(data) / (px.shape[0] * px.shape[1])
+        assert out.shape == px.shape and out.dtype == np.uint8
+        assert lo <= bpp <= hi, (path.name, bpp)
+        assert psnr(px, out) >= min_psnr, (path.name, psnr(px, out))
+
+
+def test_higher_quality_means_more_bits_and_less_error(codec, kodim23):
+    sizes, errors = [], []
+    for q in (0, 50, 100):
+        data = codec.encode(kodim23, quality=q)
+        out, _ = codec.decode(data, mode="fidelity")
+        sizes.append(len(data))
+        errors.append(-psnr(kodim23, out))
+    assert sizes == sorted(sizes) and errors == sorted(errors, reverse=True)
+
+
+def test_file_size_matches_the_estimated_rate(codec, kodim23):
+    model = codec.model
+    for q in (25.0, 80.0):
+        data = codec.encode(kodim23, quality=q)
+        x = pad_to(torch.from_numpy(kodim23.copy()).permute(2, 0, 1)[None].float() / 255, 64)
+        with torch.no_grad():
+            out = model(x, model.level(q))
+        est_bits = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values()).item()
+        header, streams = container.unpack(data)
+        payload = len(streams.z) + len(streams.y) + len(streams.escapes)
+        assert abs(payload - est_bits / 8) <= 0.02 * est_bits / 8 + 64, (payload, est_bits / 8)
+
+
+def test_encode_is_deterministic_and_decode_ignores_thread_count(codec, kodim23):
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = codec.encode(kodim23, quality=60)
+        out1, _ = codec.decode(a, mode="fidelity")
+        torch.set_num_threads(2)
+        b = codec.encode(kodim23, quality=60)
+        out2, _ = codec.decode(a, mode="fidelity")
+        p1, _ = codec.decode(a, mode="perceptual", steps=2)
+        torch.set_num_threads(1)
+        p2, _ = codec.decode(a, mode="perceptual", steps=2)
+    finally:
+        torch.set_num_threads(n)
+    assert a == b
+    assert np.array_equal(out1, out2)
+    assert np.array_equal(p1, p2)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (17, 33), (513, 257)])
+def test_odd_sizes_round_trip_to_the_same_size(codec, size):
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    data = codec.encode(px, quality=50)
+    out, header = codec.decode(data, mode="fidelity")
+    assert out.shape == px.shape and (header.height, header.width) == size
+    out, _ = codec.decode(data, mode="perceptual", steps=2)
+    assert out.shape == px.shape
+
+
+def test_perceptual_decode_is_reproducible_per_seed(codec, kodim23):
+    crop = np.ascontiguousarray(kodim23[:128, :192])
+    data = codec.encode(crop, quality=30)
+    a, _ = codec.decode(data, steps=3, seed=1)
+    b, _ = codec.decode(data, steps=3, seed=1)
+    c, _ = codec.decode(data, steps=3, seed=2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_target_bpp_stays_within_budget(codec, kodim23):
+    for target in (0.2, 0.6):
+        data = codec.encode(kodim23, target_bpp=target)
+        bpp = 8 * len(data) / (kodim23.shape[0] * kodim23.shape[1])
+        assert bpp <= target
+        assert bpp >= 0.6 * target  # the search found a quality near the budget
+    # a budget below the smallest file gives the lowest quality
+    data = codec.encode(kodim23, target_bpp=0.0001)
+    assert container.unpack(data)[0].quality == 0
+
+
+def test_file_from_other_weights_is_refused_by_id(codec, kodim23):
+    import struct
+    import zlib
+
+    data = bytearray(codec.encode(np.ascontiguousarray(kodim23[:64, :64]), quality=50))
+    data[6:10] = bytes.fromhex("00000000")
+    body = bytes(data[:-4])
+    with pytest.raises(BdcError, match="weights 00000000"):
+        codec.decode(body + struct.pack("<I", zlib.crc32(body)))
+
+
+def test_every_single_byte_flip_is_detected_or_harmless(codec):
+    rng = np.random.default_rng(3)
+    px = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    data = codec.encode(px, quality=40)
+    ref, _ = codec.decode(data, mode="fidelity")
+    for i in range(len(data)):
+        bad = bytearray(data)
+        bad[i] ^= 0x5A
+        try:
+            out, _ = codec.decode(bytes(bad), mode="fidelity")
+        except BdcError:
+            continue
+        assert np.array_equal(out, ref), i

@@ -1,0 +1,70 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bdcodec.train import main as train_main
+from bdcodec.weights import load_model, read_metadata
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, n, size in (("train", 4, (96, 80)), ("val", 1, (64, 64))):
+        (root / split).mkdir()
+        for i in range(n):
+            x = np.linspace(0, 1, size[1])[None, :, None] * rng.uniform(50, 255, (1, 1, 3))
+            img = np.clip(x + rng.normal(0, 8, (*size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / split / f"{i}.png")
+    return root
+
+
+def _args(data, run_dir, *extra):
+    return ["--data", str(data / "train"), "--val", str(data / "val"), "--val-limit", "1", "--crop", "64",
+            "--batch", "2", "--val-every", "2", "--run-dir", str(run_dir), *extra]
+
+
+def test_rd_then_diffusion_resume_and_export(data, tmp_path):
+    rd = tmp_path / "rd"
+    train_main(_args(data, rd, "--scratch", "--steps", "2"))
+    assert (rd / "last.pt").exists() and (rd / "best.pt").exists() and (rd / "curves.png").exists()
+    train_main(_args(data, rd, "--scratch", "--steps", "3", "--resume"))
+    import torch
+
+    ckpt = torch.load(rd / "last.pt", weights_only=False)
+    assert ckpt["step"] == 3 and len(ckpt["history"]) >= 2
+    train_main(["--run-dir", str(rd), "--export", str(tmp_path / "rd.safetensors")])
+    diff = tmp_path / "diff"
+    train_main(_args(data, diff, "--stage", "diffusion", "--init", str(tmp_path / "rd.safetensors"),
+                     "--steps", "2", "--lpips-weights", str(tmp_path / "none.pth")))
+    out = tmp_path / "full.safetensors"
+    train_main(["--stage", "diffusion", "--run-dir", str(diff), "--export", str(out)])
+    meta = read_metadata(out)
+    record = json.loads(meta["training"])
+    assert [s["stage"] for s in record["stages"]] == ["rd", "diffusion"]
+    assert record["stages"][0]["total_step"] == 3
+    model, _ = load_model(out)
+    assert model.cfg.chunks == (16, 16, 32, 64)
+
+
+def test_ablation_switches_build_other_models(data, tmp_path):
+    train_main(_args(data, tmp_path / "abl", "--scratch", "--steps", "1", "--no-global-context", "--even-chunks"))
+    train_main(["--run-dir", str(tmp_path / "abl"), "--export", str(tmp_path / "abl.safetensors")])
+    model, _ = load_model(tmp_path / "abl.safetensors")
+    assert not model.cfg.global_context and model.cfg.chunks == (32, 32, 32, 32)
+    assert len(model.entropy.g_gs) == 0
+
+
+def test_two_process_ddp_on_cpu(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "bdcodec.train", *_args(data, tmp_path / "ddp", "--scratch", "--steps", "2", "--threads", "1")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "ddp" / "last.pt").exists()
+    assert "batch 2 x 2" in res.stdout
