@@ -37,6 +37,8 @@ DEFAULT_QUALITY = 75.0
 DEFAULT_STEPS = 8
 DEFAULT_TEMPERATURE = 0.5
 PAD = 64
+TILE = 1024  # pixels per tile side for g_a / g_s on large images
+MARGIN = 128  # overlap in pixels around each tile
 
 
 @contextlib.contextmanager
@@ -57,6 +59,33 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise BdcError(f"unknown device {device!r} (auto, cpu or cuda)")
     return torch.device(device)
+
+
+def _tiled(fn, x: torch.Tensor, scale: float, tile: int, margin: int) -> torch.Tensor:
+    """Apply a convolutional ``fn`` to overlapping tiles of ``x`` and stitch the centres.
+
+    ``scale`` is the output/input size ratio (1/16 for g_a, 16 for g_s); ``tile`` and
+    ``margin`` are in input pixels and must map to whole output pixels.  Peak memory
+    then depends on the tile, not the image.
+    """
+    _, _, h, w = x.shape
+    if h <= tile + 2 * margin and w <= tile + 2 * margin:
+        return fn(x)
+    out = None
+    for i0 in range(0, h, tile):
+        for j0 in range(0, w, tile):
+            i1, j1 = min(i0 + tile, h), min(j0 + tile, w)
+            a0, b0 = max(i0 - margin, 0), max(j0 - margin, 0)
+            a1, b1 = min(i1 + margin, h), min(j1 + margin, w)
+            part = fn(x[:, :, a0:a1, b0:b1])
+            if out is None:
+                out = part.new_empty(1, part.shape[1], round(h * scale), round(w * scale))
+            ri, rj = round((i0 - a0) * scale), round((j0 - b0) * scale)
+            hh, ww = round((i1 - i0) * scale), round((j1 - j0) * scale)
+            out[:, :, round(i0 * scale) : round(i0 * scale) + hh, round(j0 * scale) : round(j0 * scale) + ww] = (
+                part[:, :, ri : ri + hh, rj : rj + ww]
+            )
+    return out
 
 
 class Codec:
@@ -120,7 +149,7 @@ class Codec:
             raise BdcError(f"image size {wid}x{hgt} out of range")
         t0 = time.perf_counter()
         x = self._tensor(pixels).to(self.device)
-        y0 = self.model.g_a(x).float().cpu()
+        y0 = _tiled(self.model.g_a, x, 1 / 16, TILE, MARGIN).float().cpu()
         self.timings = {"analysis": time.perf_counter() - t0}
 
         def at(q: float) -> bytes:
@@ -202,7 +231,7 @@ class Codec:
         t1 = time.perf_counter()
         level = self.model.level(header.quality)
         y_hat = self.model.dequantize(y_hat_g, level).to(self.device)
-        x_bar = self.model.g_s(y_hat).clamp(0, 1)
+        x_bar = _tiled(self.model.g_s, y_hat, 16, TILE // 16, MARGIN // 16).clamp(0, 1)
         if mode == "perceptual":
             gen = torch.Generator().manual_seed(int(seed))
             cond = {"texture": self.model.texture(y_hat), "x_bar": x_bar * 2 - 1}

@@ -127,3 +127,15 @@ def test_every_single_byte_flip_is_detected_or_harmless(codec):
         except BdcError:
             continue
         assert np.array_equal(out, ref), i
+
+
+def test_tiled_transforms_match_untiled(codec, kodim23, monkeypatch):
+    import bdcodec.codec as mod
+
+    data = codec.encode(kodim23, quality=60)
+    ref, _ = codec.decode(data, mode="fidelity")
+    monkeypatch.setattr(mod, "TILE", 256)
+    tiled = codec.encode(kodim23, quality=60)
+    out, _ = codec.decode(tiled, mode="fidelity")
+    assert abs(len(tiled) - len(data)) <= 0.01 * len(data)
+    assert abs(psnr(kodim23, out) - psnr(kodim23, ref)) < 0.1
