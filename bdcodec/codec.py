@@ -91,10 +91,13 @@ def _tiled(fn, x: torch.Tensor, scale: float, tile: int, margin: int) -> torch.T
 class Codec:
     """A loaded model plus the coding logic.  Reuse one instance for many files."""
 
-    def __init__(self, weights=None, device: str = "auto"):
-        self.weights_path = weights or default_weights_path()
-        self.model, self.meta = load_model(self.weights_path)
-        self.weights_id = self.meta["weights_id"]
+    def __init__(self, weights=None, device: str = "auto", *, model=None, weights_id: str = "00000000"):
+        if model is None:
+            self.weights_path = weights or default_weights_path()
+            self.model, self.meta = load_model(self.weights_path)
+            self.weights_id = self.meta["weights_id"]
+        else:  # an in-memory model (training validation); its CDF tables must be up to date
+            self.weights_path, self.model, self.meta, self.weights_id = "<in memory>", model, {}, weights_id
         self.device = resolve_device(device)
         cfg = self.model.cfg
         self.schedule = BlurSchedule(cfg.sigma_blur_max, cfg.min_damping)

@@ -313,7 +313,7 @@ def main(argv=None):
         if args.minutes and time.time() - t_start > args.minutes * 60:
             stop = True
         if rank == 0 and (step % args.val_every == 0 or stop or step == args.steps):
-            metrics = validate(model, val, args.stage, schedule, device)
+            metrics = validate(model, val, args.stage, schedule, device, lpips_fn)
             metrics.update(step=step, minutes=(time.time() - t_start) / 60, **{f"train_{k}": v for k, v in stats.items()})
             history.append(metrics)
             print(json.dumps(metrics), flush=True)
@@ -352,17 +352,29 @@ def _default_init() -> str | None:
 
 
 @torch.no_grad()
-def validate(model: BDCodecModel, val: list[torch.Tensor], stage: str, schedule: BlurSchedule, device) -> dict:
-    """Estimated bpp and PSNR at the lowest, middle and highest rate; the score is the mean R-D cost."""
+def validate(model: BDCodecModel, val: list[torch.Tensor], stage: str, schedule: BlurSchedule, device,
+             lpips_fn=None) -> dict:
+    """bpp (estimated, and real from the coder), PSNR, MS-SSIM and LPIPS at the lowest, middle and
+    highest rate.  The score is the mean R-D cost (stage rd) or the mean LPIPS (stage diffusion)."""
     from .model import pad_to
 
+    from pytorch_msssim import ms_ssim
+
+    from .codec import DEFAULT_STEPS, DEFAULT_TEMPERATURE, Codec
+
     model.eval()
+    model.entropy_bottleneck.update(force=True)
+    codec = Codec(device="cpu", model=model) if device.type == "cpu" else None
     res = {}
     score = 0.0
     levels = [0.0, (model.cfg.levels - 1) / 2, float(model.cfg.levels - 1)]
     for level in levels:
-        bpps, psnrs = [], []
+        bpps, psnrs, real, msssim, lps = [], [], [], [], []
         for x in val:
+            if codec is not None and stage == "rd":
+                px = (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+                quality = level / (model.cfg.levels - 1) * 100
+                real.append(8 * len(codec.encode(px, quality=quality)) / (px.shape[0] * px.shape[1]))
             x = x.to(device)
             xp = pad_to(x, 64)
             out = model(xp, level)
@@ -372,15 +384,25 @@ def validate(model: BDCodecModel, val: list[torch.Tensor], stage: str, schedule:
             if stage == "diffusion":
                 gen = torch.Generator().manual_seed(0)
                 cond = {"texture": model.texture(out["y_hat"]), "x_bar": out["x_bar"].clamp(0, 1) * 2 - 1}
-                x0 = schedule.sample(model.denoiser, cond, cond["x_bar"], 4, 0.0, gen)
+                x0 = schedule.sample(model.denoiser, cond, cond["x_bar"], DEFAULT_STEPS, DEFAULT_TEMPERATURE, gen)
                 x_bar = ((x0 + 1) / 2)[..., : x.shape[2], : x.shape[3]].clamp(0, 1)
             bpps.append(bpp)
             psnrs.append(psnr(x_bar, x))
+            if min(x.shape[-2:]) > 160:
+                msssim.append(float(ms_ssim(x_bar, x, data_range=1.0)))
+            if lpips_fn is not None:
+                lps.append(float(lpips_fn(x_bar, x)))
         b, p = float(np.mean(bpps)), float(np.mean(psnrs))
         res[f"bpp@{level:g}"] = b
         res[f"psnr@{level:g}"] = p
+        if real:
+            res[f"real_bpp@{level:g}"] = float(np.mean(real))
+        if msssim:
+            res[f"msssim@{level:g}"] = float(np.mean(msssim))
+        if lps:
+            res[f"lpips@{level:g}"] = float(np.mean(lps))
         mse = 10 ** (-p / 10)
-        score += b + model.lmbda(level) * 255**2 * mse
+        score += float(np.mean(lps)) if (lps and stage == "diffusion") else b + model.lmbda(level) * 255**2 * mse
     res["score"] = score / len(levels)
     model.train()
     return res

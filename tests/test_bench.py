@@ -1,0 +1,45 @@
+import csv
+
+import numpy as np
+import pytest
+
+from bdcodec.bench import _baseline_point, _curves, bd_quality, bd_rate, psnr
+
+from .conftest import SHARED
+
+
+def test_bd_rate_known_cases():
+    rate = np.array([0.1, 0.25, 0.5, 1.0])
+    q = np.array([26.0, 29.0, 32.0, 35.0])
+    assert abs(bd_rate(rate, q, rate, q)) < 1e-9
+    assert bd_rate(rate, q, rate / 2, q) == pytest.approx(-50.0, abs=1e-6)
+    assert bd_rate(rate, q, rate * 1.1, q) == pytest.approx(10.0, abs=1e-6)
+    assert bd_quality(rate, q, rate, q + 1.5) == pytest.approx(1.5, abs=1e-9)
+    assert np.isnan(bd_rate(rate, q, rate, q + 100))  # no overlap
+
+
+def test_curves_average_per_setting():
+    rows = [{"codec": "c", "setting": 1, "bpp": 0.2, "psnr": 30.0},
+            {"codec": "c", "setting": 1, "bpp": 0.4, "psnr": 32.0},
+            {"codec": "c", "setting": 2, "bpp": 1.0, "psnr": 40.0}]
+    pts = _curves(rows)["c"]
+    assert pts[0]["bpp"] == pytest.approx(0.3) and pts[0]["psnr"] == pytest.approx(31.0) and pts[0]["n"] == 2
+
+
+@pytest.mark.skipif(not (SHARED / "baselines" / "kodak_avg.csv").exists(), reason="needs ../shared")
+@pytest.mark.parametrize("codec,setting,ref_name", [("jpeg", 50, "jpeg420"), ("webp", 50, "webp")])
+def test_baselines_agree_with_independent_measurement(codec, setting, ref_name):
+    from PIL import Image
+
+    with open(SHARED / "baselines" / "kodak_avg.csv") as f:
+        ref = next(r for r in csv.DictReader(f) if r["codec"] == ref_name and int(r["setting"]) == setting)
+    images = sorted((SHARED / "data" / "kodak").glob("*.png"))
+    assert len(images) == int(ref["n"])
+    bpps, psnrs = [], []
+    for p in images:
+        res = _baseline_point((codec, setting, str(p)))
+        orig = np.asarray(Image.open(p).convert("RGB"))
+        bpps.append(8 * res["bytes"] / res["pixels"])
+        psnrs.append(psnr(orig, res["_out"]))
+    assert abs(np.mean(psnrs) - float(ref["psnr"])) < 0.1
+    assert abs(np.mean(bpps) - float(ref["bpp"])) < 0.01 * float(ref["bpp"])
