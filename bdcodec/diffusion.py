@@ -45,20 +45,41 @@ def dct_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     return _dct_matrix64(n).to(device=device, dtype=dtype)
 
 
+def _dct_last(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal DCT-II along the last dimension in O(N log N) (Makhoul's FFT algorithm)."""
+    n = x.shape[-1]
+    v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], -1)
+    k = torch.arange(n, dtype=x.dtype, device=x.device)
+    w = torch.polar(torch.ones_like(k), -math.pi * k / (2 * n))
+    out = (torch.fft.fft(v, dim=-1) * w).real * math.sqrt(2.0 / n)
+    out[..., 0] = out[..., 0] / math.sqrt(2.0)
+    return out
+
+
+def _idct_last(u: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_dct_last` (orthonormal DCT-III)."""
+    n = u.shape[-1]
+    c = u * math.sqrt(n / 2.0)
+    c[..., 0] = c[..., 0] * math.sqrt(2.0)
+    k = torch.arange(n, dtype=u.dtype, device=u.device)
+    flipped = torch.cat([torch.zeros_like(c[..., :1]), c[..., 1:].flip(-1)], -1)  # c_{N-k}, c_N = 0
+    spec = torch.complex(c, -flipped) * torch.polar(torch.ones_like(k), math.pi * k / (2 * n))
+    v = torch.fft.ifft(spec, dim=-1).real
+    x = torch.empty_like(v)
+    half = (n + 1) // 2
+    x[..., ::2] = v[..., :half]
+    x[..., 1::2] = v[..., half:].flip(-1)
+    return x
+
+
 def dct2(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal 2-D DCT-II over the last two dimensions."""
-    h, w = x.shape[-2:]
-    ch = dct_matrix(h, x.dtype, x.device)
-    cw = dct_matrix(w, x.dtype, x.device)
-    return ch @ x @ cw.T
+    """Orthonormal 2-D DCT-II over the last two dimensions (equals ``C_H x C_W^T``)."""
+    return _dct_last(_dct_last(x).transpose(-1, -2)).transpose(-1, -2)
 
 
 def idct2(u: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`dct2`."""
-    h, w = u.shape[-2:]
-    ch = dct_matrix(h, u.dtype, u.device)
-    cw = dct_matrix(w, u.dtype, u.device)
-    return ch.T @ u @ cw
+    return _idct_last(_idct_last(u).transpose(-1, -2)).transpose(-1, -2)
 
 
 class BlurSchedule:
@@ -128,21 +149,22 @@ class BlurSchedule:
             return e.to(device=device, dtype=dtype)
 
         alpha, sigma = self.marginal(torch.ones(()), h, w)
-        z = idct2(alpha.to(dtype=dtype, device=device) * dct2(x_init))
+        # The chain lives in the DCT domain: z_t = IDCT(u_t).  White noise is white in any
+        # orthonormal basis, so it is drawn there directly.
+        u = alpha.to(dtype=dtype, device=device) * dct2(x_init)
         if temperature > 0:
-            z = z + temperature * float(sigma) * randn()
+            u = u + temperature * float(sigma) * randn()
         times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
         x0 = x_init
         for t, s in zip(times[:-1], times[1:]):
             tb = torch.full((b,), t, dtype=dtype, device=device)
-            x0 = net(z, tb, **cond).clamp(-1, 1)
+            x0 = net(idct2(u), tb, **cond).clamp(-1, 1)
             if s <= 0:
                 break
             c_t, c_x, var = (v.to(dtype=dtype, device=device) for v in self.posterior(t, s, h, w))
-            u = c_t * dct2(z) + c_x * dct2(x0)
-            z = idct2(u)
+            u = c_t * u + c_x * dct2(x0)
             if temperature > 0:
-                z = z + temperature * idct2(var.sqrt() * dct2(randn()))
+                u = u + temperature * var.sqrt() * randn()
         return x0
 
 

@@ -236,7 +236,7 @@ class LaplacianEntropyModel(nn.Module):
         mu, sigma = self.g_ep[j](torch.cat(parts, 1)).chunk(2, 1)
         return mu, sigma
 
-    def forward(self, y: torch.Tensor, psi: torch.Tensor, noise: bool = True):
+    def forward(self, y: torch.Tensor, psi: torch.Tensor):
         """Training / estimation pass.
 
         Returns ``(y_hat, mu, sigma)`` for the whole latent, where y_hat uses

@@ -45,13 +45,15 @@ def default_weights_path() -> Path:
 
 def tensors_id(state: dict) -> str:
     """Hash of the tensors (names, shapes, dtypes and bytes), as 8 hex digits."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].contiguous().cpu()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(str(t.dtype).encode())
-        h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:8]
 
 

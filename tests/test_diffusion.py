@@ -12,6 +12,11 @@ def test_dct_is_orthonormal_and_inverts_exactly():
         assert torch.allclose(c @ c.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
     x = torch.randn(2, 3, 24, 40, dtype=torch.float64)
     assert torch.allclose(idct2(dct2(x)), x, atol=1e-12)
+    ref = dct_matrix(24, torch.float64) @ x @ dct_matrix(40, torch.float64).T
+    assert torch.allclose(dct2(x), ref, atol=1e-12)  # the FFT algorithm equals the matrix definition
+    for n in (1, 2, 5):  # odd and tiny sizes
+        v = torch.randn(3, n, n + 1, dtype=torch.float64)
+        assert torch.allclose(idct2(dct2(v)), v, atol=1e-12)
     # DC coefficient of an orthonormal DCT is mean * sqrt(H W)
     assert torch.allclose(dct2(x)[..., 0, 0], x.mean((-2, -1)) * math.sqrt(24 * 40))
 
