@@ -254,7 +254,8 @@ def main(argv=None):
 
     t_start = time.time()
     last_ckpt = time.time()
-    stage_rec = {"stage": args.stage, "data": str(args.data), "crop": args.crop, "batch": args.batch * world,
+    stage_rec = {"stage": args.stage, "data": str(args.data), "images": len(data.images), "crop": args.crop,
+                 "batch": args.batch * world,
                  "start_step": step, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "device": str(device), "lambdas": list(cfg.lambdas)}
     if resumed_stage:
