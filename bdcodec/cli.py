@@ -97,6 +97,7 @@ def _run_batch(jobs, work, verbose: bool) -> None:
 
 
 def _codec(weights, device, threads):
+    """Load the model once for the whole batch; a failure ends the command with exit 1."""
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit notices from compressai's import
@@ -106,7 +107,11 @@ def _codec(weights, device, threads):
         torch.set_num_threads(threads)
     from .codec import Codec
 
-    return Codec(weights, device)
+    try:
+        return Codec(weights, device)
+    except BdcError as exc:
+        _fail(str(exc))
+        sys.exit(1)
 
 
 _common = [
@@ -153,11 +158,7 @@ def main():
 def encode(paths, quality, target_bpp, weights, device, threads, max_pixels, output_dir, verbose):
     """Encode images: IN OUT, or IN... -o DIR ('-' is stdin/stdout)."""
     jobs = _jobs(paths, output_dir, ".bdc")
-    try:
-        codec = _codec(weights, device, threads)
-    except BdcError as exc:
-        _fail(str(exc))
-        sys.exit(1)
+    codec = _codec(weights, device, threads)
     from .imageio import read_image
 
     def work(src, dst):
@@ -184,11 +185,7 @@ def encode(paths, quality, target_bpp, weights, device, threads, max_pixels, out
 def decode(paths, mode, steps, temperature, seed, weights, device, threads, max_pixels, output_dir, verbose):
     """Decode .bdc files to PNG (or the format of OUT's suffix): IN OUT, or IN... -o DIR."""
     jobs = _jobs(paths, output_dir, ".png")
-    try:
-        codec = _codec(weights, device, threads)
-    except BdcError as exc:
-        _fail(str(exc))
-        sys.exit(1)
+    codec = _codec(weights, device, threads)
     from .imageio import write_image
 
     def work(src, dst):

@@ -166,3 +166,20 @@ def test_stdin_stdout_and_help_without_torch(small_png, tmp_path):
              "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
              "assert 'torch' not in sys.modules and 'compressai' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60).returncode == 0
+
+
+def test_bad_weights_and_device_fail_in_one_line(run, small_png, tmp_path):
+    res = run("encode", small_png, tmp_path / "o.bdc", "--weights", tmp_path / "none.safetensors")
+    assert res.exit_code == 1
+    _one_error_line(res)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 100)
+    res = run("decode", small_png, tmp_path / "o.png", "--weights", junk)
+    assert res.exit_code == 1
+    _one_error_line(res)
+    import torch
+
+    if not torch.cuda.is_available():
+        res = run("encode", small_png, tmp_path / "o.bdc", "--device", "cuda")
+        assert res.exit_code == 1
+        _one_error_line(res)
