@@ -183,3 +183,28 @@ def test_bad_weights_and_device_fail_in_one_line(run, small_png, tmp_path):
         res = run("encode", small_png, tmp_path / "o.bdc", "--device", "cuda")
         assert res.exit_code == 1
         _one_error_line(res)
+
+
+def test_ctrl_c_in_a_batch_leaves_no_partial_files(tmp_path):
+    import signal
+    import time
+
+    srcs = [tmp_path / f"im{i}.png" for i in range(40)]
+    px = np.asarray(Image.open(ROOT / "examples" / "kodim23.png").convert("RGB"))
+    for i, p in enumerate(srcs):
+        Image.fromarray(np.ascontiguousarray(np.roll(px, i, axis=1))).save(p)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "bdcodec", "encode", *map(str, srcs), "-o", str(out)],
+                            stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out.exists() and any(out.glob("*.bdc"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert b"Traceback" not in err
+    assert not [p for p in out.iterdir() if not p.name.endswith(".bdc")]
+    assert 0 < len(list(out.glob("*.bdc"))) < len(srcs)
+    for p in out.glob("*.bdc"):
+        assert p.read_bytes()[:3] == b"BDC"
