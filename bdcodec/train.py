@@ -284,6 +284,7 @@ def main(argv=None):
                 stats = {"bpp": bpp.item(), "psnr": 10 * math.log10(1 / max(mse.item(), 1e-12))}
             else:
                 with torch.no_grad():
+                    model.eval()  # frozen codec: rounded z, as at decode time (the denoiser has no BN/dropout)
                     out = model(x, level)
                     x_bar = out["x_bar"].clamp(0, 1)
                 t = torch.rand(x.shape[0], device=device)
