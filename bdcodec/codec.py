@@ -8,9 +8,13 @@ Example::
     image = codec.decode(data, mode="fidelity")      # uint8 (H, W, 3)
 
 Determinism: everything that decides symbols or probabilities (h_s, the entropy
-model's networks, the scale indexes) runs on the CPU in fp32 on one thread, with
-the decoder's arithmetic on both sides, so a file decodes the same whatever
-thread count or device the decoder uses for the transforms.
+model's networks, the scale indexes) runs on the CPU in fp32, with the decoder's
+arithmetic on both sides.  On the CPU, encode and decode run torch on one thread:
+oneDNN's results change in the last bit with the thread count, which would flip
+a rounded pixel now and then, so this keeps files and decoded images identical
+on machines with any number of cores (run files in parallel processes for
+throughput).  With ``device="cuda"`` the transforms and the denoiser run on the
+GPU; the entropy path stays on the CPU, so files still decode anywhere.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ MARGIN = 128  # overlap in pixels around each tile
 @contextlib.contextmanager
 def _one_thread():
     n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
     torch.set_num_threads(1)
     try:
         yield
@@ -108,7 +115,7 @@ class Codec:
 
     # -- helpers ------------------------------------------------------------------------------
     def _tensor(self, pixels: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        x = torch.from_numpy(np.array(pixels, dtype=np.uint8, order="C")).permute(2, 0, 1)[None].float() / 255.0
         return pad_to(x, PAD)
 
     def _passes(self, psi: torch.Tensor, y: torch.Tensor | None, coder) -> torch.Tensor:
@@ -141,10 +148,20 @@ class Codec:
         return torch.cat(y_hats, 1)
 
     # -- encode -------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode(self, pixels: np.ndarray, quality: float = DEFAULT_QUALITY, target_bpp: float | None = None,
                gray: bool = False, mode: str = "perceptual", steps: int = DEFAULT_STEPS, seed: int = 0) -> bytes:
         """Encode uint8 (H, W, 3) pixels; ``target_bpp`` searches the quality that meets it."""
+        with torch.no_grad(), _one_thread():
+            return self._encode(pixels, quality, target_bpp, gray, mode, steps, seed)
+
+    def decode(self, data: bytes, mode: str | None = None, steps: int | None = None,
+               temperature: float = DEFAULT_TEMPERATURE, seed: int | None = None,
+               max_pixels: int | None = None) -> tuple[np.ndarray, Header]:
+        """Decode ``.bdc`` bytes; returns (uint8 (H, W, 3) pixels, header)."""
+        with torch.no_grad(), _one_thread():
+            return self._decode(data, mode, steps, temperature, seed, max_pixels)
+
+    def _encode(self, pixels, quality, target_bpp, gray, mode, steps, seed) -> bytes:
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
             raise BdcError("encode expects uint8 pixels of shape (H, W, 3)")
         hgt, wid = pixels.shape[:2]
@@ -183,13 +200,12 @@ class Codec:
     def _encode_latent(self, y: torch.Tensor, header: Header) -> bytes:
         t0 = time.perf_counter()
         eb = self.model.entropy_bottleneck
-        with _one_thread():
-            z = self.model.h_a(y)
-            z_strings = eb.compress(z)
-            z_hat = eb.decompress(z_strings, z.shape[-2:])
-            psi = self.model.h_s(z_hat)
-            coder = PassEncoder()
-            self._passes(psi, y, coder)
+        z = self.model.h_a(y)
+        z_strings = eb.compress(z)
+        z_hat = eb.decompress(z_strings, z.shape[-2:])
+        psi = self.model.h_s(z_hat)
+        coder = PassEncoder()
+        self._passes(psi, y, coder)
         t1 = time.perf_counter()
         y_stream, escapes, crc = coder.finish()
         self.timings["entropy_model"] = t1 - t0
@@ -197,11 +213,7 @@ class Codec:
         return container.pack(header, Streams(z_strings[0], escapes, y_stream, crc))
 
     # -- decode -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, data: bytes, mode: str | None = None, steps: int | None = None,
-               temperature: float = DEFAULT_TEMPERATURE, seed: int | None = None,
-               max_pixels: int | None = None) -> tuple[np.ndarray, Header]:
-        """Decode ``.bdc`` bytes; returns (uint8 (H, W, 3) pixels, header)."""
+    def _decode(self, data, mode, steps, temperature, seed, max_pixels) -> tuple[np.ndarray, Header]:
         header, streams = container.unpack(data, max_pixels=max_pixels)
         if header.weights_id != self.weights_id:
             raise BdcError(
@@ -222,14 +234,13 @@ class Codec:
         wp = math.ceil(header.width / PAD) * PAD
         eb = self.model.entropy_bottleneck
         zshape = (hp // 64, wp // 64)
-        with _one_thread():
-            try:
-                z_hat = eb.decompress([streams.z], zshape)
-            except Exception as exc:
-                raise BdcError(f"corrupt file: z stream does not decode ({exc})") from None
-            psi = self.model.h_s(z_hat)
-            coder = PassDecoder(streams.y, streams.escapes)
-            y_hat_g = self._passes(psi, None, coder)
+        try:
+            z_hat = eb.decompress([streams.z], zshape)
+        except Exception as exc:
+            raise BdcError(f"corrupt file: z stream does not decode ({exc})") from None
+        psi = self.model.h_s(z_hat)
+        coder = PassDecoder(streams.y, streams.escapes)
+        y_hat_g = self._passes(psi, None, coder)
         coder.finish(streams.symbol_crc)
         t1 = time.perf_counter()
         level = self.model.level(header.quality)
