@@ -27,7 +27,8 @@ def test_curves_average_per_setting():
 
 
 @pytest.mark.skipif(not (SHARED / "baselines" / "kodak_avg.csv").exists(), reason="needs ../shared")
-@pytest.mark.parametrize("codec,setting,ref_name", [("jpeg", 50, "jpeg420"), ("webp", 50, "webp")])
+@pytest.mark.parametrize("codec,setting,ref_name",
+                         [("jpeg", 50, "jpeg420"), ("webp", 50, "webp"), ("avif", 30, "avif")])
 def test_baselines_agree_with_independent_measurement(codec, setting, ref_name):
     from PIL import Image
 
