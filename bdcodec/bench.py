@@ -144,7 +144,7 @@ class PatchFID:
         self.helper = FidHelper(device="cpu")
         self.feats: dict = {}
 
-    def _patches(self, img: np.ndarray) -> "torch.Tensor":
+    def _patches(self, img: np.ndarray):
         p = self.PATCH
         h, w = img.shape[0] // p * p, img.shape[1] // p * p
         if not h or not w:
@@ -243,8 +243,6 @@ def _load_rgb(path) -> np.ndarray:
 # -- the run ----------------------------------------------------------------------------------
 def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed,
               fid=False):
-    import torch
-
     from .codec import Codec
     from .train import list_images
 
@@ -317,7 +315,6 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
             continue
         tasks += [(name, q, str(p)) for p in images for q in BASELINES[name]]
     if tasks:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         pb = bar(len(tasks), "baselines")
         pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
         results = pool.map(_baseline_point, tasks, chunksize=4) if pool else map(_baseline_point, tasks)

@@ -10,7 +10,6 @@ the commands that need them, so ``--help`` and ``info`` start instantly.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path

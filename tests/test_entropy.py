@@ -19,7 +19,7 @@ def test_laplacian_bias_shape_and_learnable():
     b = bias()
     assert b.shape == (4, 64, 64)
     assert torch.allclose(b[:, 0, 0], torch.ones(4))  # A^2 at distance 0
-    d = (0 - 2) + 0  # token 0 = (0, 0), token 2 = (0, 2): L1 distance 2
+    # token 0 = (0, 0), token 2 = (0, 2): L1 distance 2
     assert torch.allclose(b[0, 0, 2], torch.exp(torch.tensor(-2.0 / 2)))
     assert torch.all(b[0, 0, 1] > b[0, 0, 2])  # decays with distance
     b.sum().backward()
