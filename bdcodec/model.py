@@ -168,14 +168,16 @@ class BDCodecModel(nn.Module):
     # -- training -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, level: float) -> dict:
         gain, inv_gain = self.gains(level)
-        y = self.g_a(x) * gain
+        y = self.g_a(x).float() * gain
         z = self.h_a(y)
-        z_hat, z_lik = self.entropy_bottleneck(z)
+        with torch.autocast(x.device.type, enabled=False):  # likelihoods stay in fp32 under autocast
+            z_hat, z_lik = self.entropy_bottleneck(z.float())
         psi = self.h_s(z_hat)
         y_hat, mu, sigma = self.entropy(y, psi)
-        _, y_lik = self.gaussian(y, sigma, means=mu)
-        y_dec = y_hat * inv_gain
-        x_bar = self.g_s(y_dec)
+        with torch.autocast(x.device.type, enabled=False):
+            _, y_lik = self.gaussian(y, sigma.float(), means=mu.float())
+        y_dec = y_hat.float() * inv_gain
+        x_bar = self.g_s(y_dec).float()
         return {"x_bar": x_bar, "y_hat": y_dec, "likelihoods": {"y": y_lik, "z": z_lik}}
 
     def aux_loss(self) -> torch.Tensor:

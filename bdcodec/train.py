@@ -43,7 +43,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 class CropDataset(torch.utils.data.Dataset):
     """Random crops and flips from a folder of images, decoded once and kept in memory."""
 
-    def __init__(self, folder, crop: int, length: int = 10**9, limit: int | None = None):
+    def __init__(self, folder, crop: int, length: int = 10**9, limit: int | None = None, seed: int = 0):
         paths = list_images(folder)[:limit]
         if not paths:
             raise SystemExit(f"no images in {folder}")
@@ -55,13 +55,13 @@ class CropDataset(torch.utils.data.Dataset):
                     scale = crop / min(im.size)
                     im = im.resize((math.ceil(im.width * scale), math.ceil(im.height * scale)), Image.BICUBIC)
                 self.images.append(np.asarray(im))
-        self.crop, self.length = crop, length
+        self.crop, self.length, self.seed = crop, length, seed
 
     def __len__(self):
         return self.length
 
     def __getitem__(self, index):
-        rng = random.Random(index)
+        rng = random.Random(index + self.seed * 1_000_003)
         img = self.images[rng.randrange(len(self.images))]
         h, w = img.shape[:2]
         i, j = rng.randrange(h - self.crop + 1), rng.randrange(w - self.crop + 1)
@@ -78,6 +78,14 @@ def load_val(folder, limit: int) -> list[torch.Tensor]:
             arr = np.asarray(im.convert("RGB"))
         out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float().unsqueeze(0) / 255.0)
     return out
+
+
+def _use_bf16(choice: str, device: torch.device) -> bool:
+    if choice != "auto":
+        return choice == "on"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -159,6 +167,8 @@ def main(argv=None):
     ap.add_argument("--lpips-weight", type=float, default=0.5)
     ap.add_argument("--export", default=None, help="write the best checkpoint to this safetensors file and exit")
     ap.add_argument("--data-limit", type=int, default=None)
+    ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                    help="bf16 autocast: auto = on for CUDA and for CPUs with native bf16 (AVX512-BF16/AMX)")
     args = ap.parse_args(argv)
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
@@ -250,7 +260,7 @@ def main(argv=None):
         from pytorch_msssim import ms_ssim
 
     schedule = BlurSchedule(cfg.sigma_blur_max, cfg.min_damping)
-    data = CropDataset(args.data, args.crop, limit=args.data_limit)
+    data = CropDataset(args.data, args.crop, limit=args.data_limit, seed=args.seed)
     sampler_offset = step * args.batch * world + rank * args.batch
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(data, range(sampler_offset, sampler_offset + (args.steps - step + 1) * args.batch * world)),
@@ -260,12 +270,15 @@ def main(argv=None):
     print(f"stage {args.stage}: {sum(p.numel() for p in train_params)/1e6:.2f} M trainable parameters, "
           f"{len(data.images)} training images, crop {args.crop}, batch {args.batch} x {world}")
 
+    use_bf16 = _use_bf16(args.bf16, device)
+    print(f"precision: {'bf16 autocast' if use_bf16 else 'fp32'}")
     t_start = time.time()
     last_ckpt = time.time()
     stage_rec = {"stage": args.stage, "data": str(args.data), "images": len(data.images), "crop": args.crop,
                  "batch": args.batch * world,
                  "start_step": step, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "device": str(device), "lambdas": list(cfg.lambdas)}
+                 "device": str(device), "lambdas": list(cfg.lambdas),
+                 "precision": "bf16" if use_bf16 else "fp32"}
     if resumed_stage:
         stage_rec.update(start_step=resumed_stage["start_step"], started=resumed_stage["started"])
     stage_rec["minutes_before"] = (resumed_stage or {}).get("minutes", 0.0)
@@ -281,7 +294,7 @@ def main(argv=None):
         x = next(loader_it).to(device, non_blocking=True)
         level = rng.uniform(0, cfg.levels - 1)
         lam = model.lmbda(level)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             if args.stage == "rd":
                 out, bpp, mse = rd_terms(model, x, level, ddp_model(x, level))
                 if ms_ssim is not None:

@@ -68,3 +68,23 @@ def test_two_process_ddp_on_cpu(data, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "ddp" / "last.pt").exists()
     assert "batch 2 x 2" in res.stdout
+
+
+def test_bf16_autocast_keeps_likelihoods_in_fp32_and_close_to_fp32():
+    import torch
+
+    from bdcodec.model import BDCodecModel
+    from bdcodec.train import _use_bf16, rd_terms
+
+    assert not _use_bf16("off", torch.device("cpu")) and _use_bf16("on", torch.device("cpu"))
+    torch.manual_seed(0)
+    model = BDCodecModel().eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        _, bpp32, mse32 = rd_terms(model, x, 2.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, bpp16, mse16 = rd_terms(model, x, 2.0)
+    assert all(lik.dtype == torch.float32 for lik in out["likelihoods"].values())
+    assert out["x_bar"].dtype == torch.float32
+    assert abs(bpp16.item() - bpp32.item()) < 0.05 * bpp32.item()
+    assert abs(mse16.item() - mse32.item()) < 0.05 * mse32.item()
