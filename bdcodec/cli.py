@@ -10,6 +10,7 @@ the commands that need them, so ``--help`` and ``info`` start instantly.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -72,23 +73,48 @@ def _jobs(args: tuple[str, ...], output_dir: str | None, suffix: str) -> list[tu
 
 
 def _run_batch(jobs, work, verbose: bool) -> None:
-    """Run ``work(src, dst)`` for each job; report failures one per line, exit 1 if any."""
+    """Run ``work(src, dst)`` for each job; report failures one per line, exit 1 if any.
+
+    Ctrl-C ends the batch with exit status 130. The flag set by the handler is
+    also checked between files, so an interrupt that Python swallows (one that
+    lands in a finalizer prints "Exception ignored" and goes on) still stops it.
+    """
+    interrupted = False
+
+    def on_sigint(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: keep Python's default handler
+        previous = None
     failed = 0
-    for src, dst in jobs:
-        try:
-            t0 = time.perf_counter()
-            line = work(src, dst)
-            if verbose:
-                click.echo(f"{src}: {line}, {time.perf_counter() - t0:.2f} s", err=True)
-        except BdcError as exc:
-            failed += 1
-            _fail(str(exc))
-        except KeyboardInterrupt:
+    try:
+        for src, dst in jobs:
+            try:
+                if interrupted:
+                    raise KeyboardInterrupt
+                t0 = time.perf_counter()
+                line = work(src, dst)
+                if verbose:
+                    click.echo(f"{src}: {line}, {time.perf_counter() - t0:.2f} s", err=True)
+            except BdcError as exc:
+                failed += 1
+                _fail(str(exc))
+            except KeyboardInterrupt:
+                _fail("interrupted")
+                sys.exit(130)
+            except Exception as exc:  # never a traceback for one bad file in a batch
+                failed += 1
+                _fail(f"{src}: {type(exc).__name__}: {exc}")
+        if interrupted:
             _fail("interrupted")
             sys.exit(130)
-        except Exception as exc:  # never a traceback for one bad file in a batch
-            failed += 1
-            _fail(f"{src}: {type(exc).__name__}: {exc}")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     if failed:
         if len(jobs) > 1:
             _fail(f"{failed} of {len(jobs)} files failed")
