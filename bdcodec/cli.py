@@ -76,7 +76,7 @@ def _run_batch(jobs, work, verbose: bool) -> None:
     """Run ``work(src, dst)`` for each job; report failures one per line, exit 1 if any.
 
     Ctrl-C ends the batch with exit status 130. The flag set by the handler is
-    also checked between files, so an interrupt that Python swallows (one that
+    also checked after each file, so an interrupt that Python swallows (one that
     lands in a finalizer prints "Exception ignored" and goes on) still stops it.
     """
     interrupted = False
@@ -94,12 +94,12 @@ def _run_batch(jobs, work, verbose: bool) -> None:
     try:
         for src, dst in jobs:
             try:
-                if interrupted:
-                    raise KeyboardInterrupt
                 t0 = time.perf_counter()
                 line = work(src, dst)
                 if verbose:
                     click.echo(f"{src}: {line}, {time.perf_counter() - t0:.2f} s", err=True)
+                if interrupted:
+                    raise KeyboardInterrupt
             except BdcError as exc:
                 failed += 1
                 _fail(str(exc))
@@ -109,9 +109,6 @@ def _run_batch(jobs, work, verbose: bool) -> None:
             except Exception as exc:  # never a traceback for one bad file in a batch
                 failed += 1
                 _fail(f"{src}: {type(exc).__name__}: {exc}")
-        if interrupted:
-            _fail("interrupted")
-            sys.exit(130)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
