@@ -168,7 +168,8 @@ def main():
 @main.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option("-q", "--quality", type=click.FloatRange(0, 100), default=75.0, show_default=True,
-              help="Quality 0..100 (half steps); higher is more bits.")
+              help="Quality 0..100 (half steps); higher is more bits. Above 50 a refinement layer is added "
+                   "(on photos: 0 ~ 0.15 bpp, 50 ~ 0.3 bpp, 75 ~ 1 bpp, 100 ~ 3 bpp).")
 @click.option("--target-bpp", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Search the highest quality whose file stays within this many bits per pixel.")
 @common
@@ -242,7 +243,7 @@ def info(paths):
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_dir", default="bench-out", show_default=True, help="Folder for CSV, JSON and plots.")
 @click.option("--codecs", default="bdcodec,jpeg,jpeg444,webp,avif,jxl", show_default=True)
-@click.option("--qualities", default=None, help="bdcodec qualities, comma-separated (default 0,20,40,60,80,100).")
+@click.option("--qualities", default=None, help="bdcodec qualities, comma-separated (default 0,20,40,50,60,70,80,90).")
 @click.option("--modes", default="fidelity", show_default=True, help="bdcodec decode modes: fidelity,perceptual.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N images.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,

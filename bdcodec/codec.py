@@ -20,13 +20,14 @@ GPU; the entropy path stays on the CPU, so files still decode anywhere.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 
 import numpy as np
 import torch
 
-from . import container
+from . import container, refine
 from .container import Header, Streams
 from .diffusion import BlurSchedule
 from .entropy import anchor_mask, scale_indexes
@@ -40,6 +41,13 @@ __all__ = ["Codec", "DEFAULT_QUALITY", "DEFAULT_STEPS"]
 DEFAULT_QUALITY = 75.0
 DEFAULT_STEPS = 8
 DEFAULT_TEMPERATURE = 0.5
+# Quality plan: up to REFINE_FROM the latent's rate level rises with quality; above it
+# the level stays put and a DCT refinement layer is added whose quantizer step falls
+# geometrically from STEP_COARSE to STEP_FINE at quality 100.
+REFINE_FROM = 50.0
+BASE_SHARE = 0.6  # fraction of the model's rate levels used below REFINE_FROM
+STEP_COARSE = 96.0
+STEP_FINE = 4.0
 PAD = 64
 TILE = 1024  # pixels per tile side for g_a / g_s on large images
 MARGIN = 128  # overlap in pixels around each tile
@@ -118,16 +126,30 @@ class Codec:
         x = torch.from_numpy(np.array(pixels, dtype=np.uint8, order="C")).permute(2, 0, 1)[None].float() / 255.0
         return pad_to(x, PAD)
 
-    def _passes(self, psi: torch.Tensor, y: torch.Tensor | None, coder) -> torch.Tensor:
-        """Run the chunk x (anchor, non-anchor) passes; returns y_hat (gained domain).
+    def plan(self, quality: float, version: int = container.VERSION) -> tuple[float, float | None]:
+        """(rate level, refinement step or None) for a quality 0..100."""
+        top = self.model.cfg.levels - 1
+        q = max(0.0, min(100.0, float(quality)))
+        if version < 2:
+            return q / 100 * top, None
+        if q <= REFINE_FROM:
+            return q / REFINE_FROM * BASE_SHARE * top, None
+        t = (q - REFINE_FROM) / (100 - REFINE_FROM)
+        return BASE_SHARE * top, STEP_COARSE * (STEP_FINE / STEP_COARSE) ** t
+
+    def _passes(self, psi: torch.Tensor, y: torch.Tensor | None, coder) -> tuple[torch.Tensor, np.ndarray]:
+        """Run the chunk x (anchor, non-anchor) passes; returns y_hat (gained domain) and activity.
 
         With ``y`` given, symbols ``round(y - mu)`` go into ``coder`` (a PassEncoder);
         without, they come out of ``coder`` (a PassDecoder).  Both sides run exactly
-        this code, so they see the same mu and sigma.
+        this code, so they see the same mu and sigma.  The activity map (h, w) sums
+        the scale indexes over channels: integers both sides share, which the
+        refinement layer uses as its context.
         """
         ent = self.model.entropy
         _, _, h, w = psi.shape
         anchors = anchor_mask(h, w)
+        activity = np.zeros((h, w), dtype=np.int64)
         y_hats = []
         offset = 0
         for j, c in enumerate(ent.chunks):
@@ -137,6 +159,7 @@ class Codec:
                 mu, sigma = ent.chunk_params(j, psi, prev, ya if p else None)
                 mu_s = mu[:, :, sel]
                 idx = scale_indexes(sigma[:, :, sel]).numpy()
+                activity[sel.numpy()] += idx.reshape(c, -1).sum(0)
                 if y is not None:
                     r = torch.round(y[:, offset : offset + c][:, :, sel] - mu_s)
                     r = coder.add(r.numpy(), idx)
@@ -145,7 +168,17 @@ class Codec:
                 ya[:, :, sel] = torch.from_numpy(r).view(mu_s.shape).float() + mu_s
             y_hats.append(ya)
             offset += c
-        return torch.cat(y_hats, 1)
+        return torch.cat(y_hats, 1), activity
+
+    def _synthesize(self, y_hat_g: torch.Tensor, level: float, height: int, width: int) -> torch.Tensor:
+        """Fidelity reconstruction x_bar (1, 3, H_pad, W_pad) in 0..1 on the device."""
+        y_hat = self.model.dequantize(y_hat_g, level).to(self.device)
+        return _tiled(self.model.g_s, y_hat, 16, TILE // 16, MARGIN // 16).clamp(0, 1)
+
+    @staticmethod
+    def _to_uint8(x: torch.Tensor, height: int, width: int) -> np.ndarray:
+        out = x[0, :, :height, :width].clamp(0, 1)
+        return (out * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
     # -- encode -------------------------------------------------------------------------------
     def encode(self, pixels: np.ndarray, quality: float = DEFAULT_QUALITY, target_bpp: float | None = None,
@@ -172,10 +205,20 @@ class Codec:
         y0 = _tiled(self.model.g_a, x, 1 / 16, TILE, MARGIN).float().cpu()
         self.timings = {"analysis": time.perf_counter() - t0}
 
+        latents: dict[float, tuple] = {}  # level -> (streams, y_hat_g, activity)
+        recons: dict[float, np.ndarray] = {}  # level -> fidelity reconstruction, as decoded
+
         def at(q: float) -> bytes:
-            level = self.model.level(q)
-            gain, _ = self.model.gains(level)
-            return self._encode_latent(y0 * gain, Header(wid, hgt, q, self.weights_id, gray, mode, steps, seed))
+            level, step = self.plan(q)
+            if level not in latents:
+                gain, _ = self.model.gains(level)
+                latents[level] = self._encode_latent(y0 * gain)
+            streams, y_hat_g, activity = latents[level]
+            if step is not None:
+                if level not in recons:
+                    recons[level] = self._to_uint8(self._synthesize(y_hat_g, level, hgt, wid), hgt, wid)
+                streams = dataclasses.replace(streams, refine=self._refine(pixels, recons[level], activity, step))
+            return container.pack(Header(wid, hgt, q, self.weights_id, gray, mode, steps, seed), streams)
 
         if target_bpp is None:
             q = round(float(quality) * 2) / 2
@@ -197,7 +240,17 @@ class Codec:
                 hi = mid - 1
         return best
 
-    def _encode_latent(self, y: torch.Tensor, header: Header) -> bytes:
+    def _refine(self, pixels: np.ndarray, x_bar: np.ndarray, activity: np.ndarray, step: float) -> bytes:
+        """The refinement payload for ``pixels`` over ``x_bar``, or b"" when it would be empty."""
+        t0 = time.perf_counter()
+        hgt, wid = pixels.shape[:2]
+        residual = pixels.astype(np.float64) - x_bar
+        act = refine.block_activity(activity, hgt, wid, 16)
+        payload, ref = refine.encode(residual, step, act)
+        self.timings["refine"] = self.timings.get("refine", 0.0) + time.perf_counter() - t0
+        return payload if ref.q.any() else b""
+
+    def _encode_latent(self, y: torch.Tensor) -> tuple[Streams, torch.Tensor, np.ndarray]:
         t0 = time.perf_counter()
         eb = self.model.entropy_bottleneck
         z = self.model.h_a(y)
@@ -205,12 +258,12 @@ class Codec:
         z_hat = eb.decompress(z_strings, z.shape[-2:])
         psi = self.model.h_s(z_hat)
         coder = PassEncoder()
-        self._passes(psi, y, coder)
+        y_hat_g, activity = self._passes(psi, y, coder)
         t1 = time.perf_counter()
         y_stream, escapes, crc = coder.finish()
         self.timings["entropy_model"] = t1 - t0
         self.timings["rans"] = time.perf_counter() - t1
-        return container.pack(header, Streams(z_strings[0], escapes, y_stream, crc))
+        return Streams(z_strings[0], escapes, y_stream, crc), y_hat_g, activity
 
     # -- decode -------------------------------------------------------------------------------
     def _decode(self, data, mode, steps, temperature, seed, max_pixels) -> tuple[np.ndarray, Header]:
@@ -240,20 +293,31 @@ class Codec:
             raise BdcError(f"corrupt file: z stream does not decode ({exc})") from None
         psi = self.model.h_s(z_hat)
         coder = PassDecoder(streams.y, streams.escapes)
-        y_hat_g = self._passes(psi, None, coder)
+        y_hat_g, activity = self._passes(psi, None, coder)
         coder.finish(streams.symbol_crc)
+        ref = None
+        if streams.refine:
+            act = refine.block_activity(activity, header.height, header.width, 16)
+            ref = refine.decode(streams.refine, header.height, header.width, act)
         t1 = time.perf_counter()
-        level = self.model.level(header.quality)
-        y_hat = self.model.dequantize(y_hat_g, level).to(self.device)
-        x_bar = _tiled(self.model.g_s, y_hat, 16, TILE // 16, MARGIN // 16).clamp(0, 1)
+        level, _ = self.plan(header.quality, header.version)
+        x_bar = self._synthesize(y_hat_g, level, header.height, header.width)
         if mode == "perceptual":
             gen = torch.Generator().manual_seed(int(seed))
+            y_hat = self.model.dequantize(y_hat_g, level).to(self.device)
             cond = {"texture": self.model.texture(y_hat), "x_bar": x_bar * 2 - 1}
             x0 = self.schedule.sample(self.model.denoiser, cond, cond["x_bar"], steps, temperature, gen)
             out = (x0 + 1) / 2
         else:
             out = x_bar
-        out = out[0, :, : header.height, : header.width].clamp(0, 1)
-        pixels = (out * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        self.timings = {"entropy_decode": t1 - t0, "synthesis": time.perf_counter() - t1}
+        pixels = self._to_uint8(out, header.height, header.width)
+        t2 = time.perf_counter()
+        if ref is not None:
+            base = self._to_uint8(x_bar, header.height, header.width).astype(np.float64)
+            if mode == "perceptual":
+                residual = refine.project(ref, pixels.astype(np.float64) - base)
+            else:
+                residual = refine.reconstruct(ref)
+            pixels = np.clip(np.round(base + residual), 0, 255).astype(np.uint8)
+        self.timings = {"entropy_decode": t1 - t0, "synthesis": t2 - t1, "refine": time.perf_counter() - t2}
         return pixels, header

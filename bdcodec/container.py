@@ -6,9 +6,10 @@ All integers little-endian; ``varint`` is unsigned LEB128 (at most 5 bytes here)
 bytes   field        meaning
 ======  ===========  ==========================================================
 3       magic        ``b"BDC"``
-1       version      container format version (1)
+1       version      container format version (2; version 1 is read too)
 1       flags        bit 0: grayscale source; bit 1: default decode mode is
-                     fidelity (else perceptual); other bits must be 0
+                     fidelity (else perceptual); bit 2: a refinement layer
+                     follows the y stream; other bits must be 0
 1       quality      quality x 2 (0..200), i.e. 0..100 in half steps
 4       weights id   first 4 bytes of the weights' tensor hash
 varint  width - 1    image width in pixels  (1 .. 2^20)
@@ -18,11 +19,13 @@ varint  seed         default sampling seed (< 2^32)
 varint  len, bytes   z stream (hyper-latent, CompressAI rANS)
 varint  len, bytes   escape stream (varints of out-of-alphabet residual magnitudes)
 varint  len, bytes   y stream (constriction rANS words, uint32 little-endian)
+varint  len, bytes   refinement layer (only with flag bit 2; see ``refine.py``)
 4       symbol crc   CRC-32 of the decoded y symbols: catches a decoder desync
 4       crc          CRC-32 of every byte before it
 ======  ===========  ==========================================================
 
-About 25 bytes in all for a Kodak-sized image.  The parser checks every field and
+About 25 bytes in all for a Kodak-sized image.  Version 1 (no refinement layer,
+quality mapped straight onto the rate levels) is still decoded.  The parser checks every field and
 length before anything is allocated; this module does not import torch.
 """
 
@@ -37,10 +40,12 @@ from .errors import BdcError
 __all__ = ["MAGIC", "VERSION", "MAX_SIDE", "Header", "pack", "unpack", "describe"]
 
 MAGIC = b"BDC"
-VERSION = 1
+VERSION = 2
+READ_VERSIONS = (1, 2)
 MAX_SIDE = 1 << 20
 _FLAG_GRAY = 1
 _FLAG_FIDELITY = 2
+_FLAG_REFINE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Header:
     mode: str = "perceptual"  # default decode mode
     steps: int = 8
     seed: int = 0
+    version: int = VERSION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +67,7 @@ class Streams:
     escapes: bytes
     y: bytes
     symbol_crc: int
+    refine: bytes = b""
 
 
 def _varint(n: int) -> bytes:
@@ -111,12 +118,13 @@ def pack(header: Header, streams: Streams) -> bytes:
     if not 1 <= header.steps <= 64 or not 0 <= header.seed < 2**32:
         raise ValueError("steps or seed out of range")
     flags = (_FLAG_GRAY if header.gray else 0) | (_FLAG_FIDELITY if header.mode == "fidelity" else 0)
+    flags |= _FLAG_REFINE if streams.refine else 0
     out = bytearray(MAGIC)
     out += bytes([VERSION, flags, q2])
     out += bytes.fromhex(header.weights_id)
     out += _varint(header.width - 1) + _varint(header.height - 1)
     out += bytes([header.steps]) + _varint(header.seed)
-    for s in (streams.z, streams.escapes, streams.y):
+    for s in (streams.z, streams.escapes, streams.y) + ((streams.refine,) if streams.refine else ()):
         out += _varint(len(s)) + s
     out += struct.pack("<I", streams.symbol_crc & 0xFFFFFFFF)
     out += struct.pack("<I", zlib.crc32(out))
@@ -131,15 +139,16 @@ def unpack(data: bytes, max_pixels: int | None = None) -> tuple[Header, Streams]
     r = _Reader(data)
     r.take(3, "magic")
     version = r.u8("version")
-    if version != VERSION:
-        raise BdcError(f"unsupported .bdc version {version} (this bdcodec reads version {VERSION})")
+    if version not in READ_VERSIONS:
+        raise BdcError(f"unsupported .bdc version {version} (this bdcodec reads versions 1 and {VERSION})")
     if len(data) < 20:
         raise BdcError("truncated file: shorter than a header")
     stored_crc = struct.unpack("<I", data[-4:])[0]
     if zlib.crc32(data[:-4]) != stored_crc:
         raise BdcError("corrupt file: checksum mismatch")
     flags = r.u8("flags")
-    if flags & ~(_FLAG_GRAY | _FLAG_FIDELITY):
+    known = _FLAG_GRAY | _FLAG_FIDELITY | (_FLAG_REFINE if version >= 2 else 0)
+    if flags & ~known:
         raise BdcError("corrupt file: unknown flags")
     q2 = r.u8("quality")
     if q2 > 200:
@@ -156,7 +165,8 @@ def unpack(data: bytes, max_pixels: int | None = None) -> tuple[Header, Streams]
     body_end = len(data) - 8
     lens = []
     streams = []
-    for what in ("z stream", "escape stream", "y stream"):
+    names = ("z stream", "escape stream", "y stream") + (("refinement layer",) if flags & _FLAG_REFINE else ())
+    for what in names:
         n = r.varint(f"{what} length", body_end - r.pos)
         lens.append(n)
         streams.append(r.take(n, what))
@@ -166,23 +176,32 @@ def unpack(data: bytes, max_pixels: int | None = None) -> tuple[Header, Streams]
         raise BdcError("corrupt file: y stream is not whole words")
     symbol_crc = struct.unpack("<I", data[body_end : body_end + 4])[0]
     header = Header(width, height, q2 / 2, wid, bool(flags & _FLAG_GRAY),
-                    "fidelity" if flags & _FLAG_FIDELITY else "perceptual", steps, seed)
-    return header, Streams(streams[0], streams[1], streams[2], symbol_crc)
+                    "fidelity" if flags & _FLAG_FIDELITY else "perceptual", steps, seed, version)
+    refine = streams[3] if len(streams) > 3 else b""
+    if flags & _FLAG_REFINE and not refine:
+        raise BdcError("corrupt file: empty refinement layer")
+    return header, Streams(streams[0], streams[1], streams[2], symbol_crc, refine)
 
 
 def describe(data: bytes) -> str:
     """The header of a ``.bdc`` file in words (for ``bdcodec info``)."""
     header, streams = unpack(data)
     n = header.width * header.height
-    overhead = len(data) - len(streams.z) - len(streams.escapes) - len(streams.y)
+    overhead = len(data) - len(streams.z) - len(streams.escapes) - len(streams.y) - len(streams.refine)
+    if streams.refine and len(streams.refine) >= 2:
+        step = struct.unpack_from("<H", streams.refine)[0] / 16
+        refine = f"{len(streams.refine)} B, luma step {step:g}"
+    else:
+        refine = "none"
     lines = [
-        f"format:      .bdc version {VERSION}",
+        f"format:      .bdc version {header.version}",
         f"size:        {header.width} x {header.height} ({'grayscale' if header.gray else 'RGB'} source)",
         f"quality:     {header.quality:g}",
         f"weights id:  {header.weights_id}",
         f"decode:      {header.mode} mode, {header.steps} steps, seed {header.seed}",
         f"streams:     z {len(streams.z)} B, y {len(streams.y)} B, escapes {len(streams.escapes)} B, "
         f"header+checks {overhead} B",
+        f"refinement:  {refine}",
         f"total:       {len(data)} bytes, {8 * len(data) / n:.4f} bpp",
     ]
     return "\n".join(lines)

@@ -28,6 +28,7 @@ _FAMILY = constriction.stream.model.QuantizedGaussian(-ALPHABET, ALPHABET)
 
 
 def _varint(n: int, out: bytearray) -> None:
+    """Append ``n`` as unsigned LEB128."""
     while True:
         b = n & 0x7F
         n >>= 7

@@ -28,6 +28,24 @@ def test_gray_and_fidelity_flags_round_trip():
     assert unpack(pack(h, STREAMS))[0] == h
 
 
+def test_refinement_layer_round_trips_and_is_described():
+    streams = Streams(z=b"zz", escapes=b"", y=b"\x01\x02\x03\x04", symbol_crc=1, refine=b"\x78\x00\x18\x01rest")
+    data = pack(HEADER, streams)
+    assert unpack(data) == (HEADER, streams)
+    assert "luma step 7.5" in describe(data)
+    assert "refinement:  none" in describe(pack(HEADER, STREAMS))
+
+
+def test_version_1_files_parse_without_the_refinement_flag():
+    body = bytearray(pack(HEADER, STREAMS)[:-4])
+    body[3] = 1
+    header, _ = unpack(_resealed(bytes(body)))
+    assert header.version == 1
+    body[4] |= 4  # the refinement flag does not exist in version 1
+    with pytest.raises(BdcError, match="unknown flags"):
+        unpack(_resealed(bytes(body)))
+
+
 def _resealed(body: bytes) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 

@@ -1,0 +1,319 @@
+"""The refinement layer: what the learned transforms leave out, coded in the DCT domain.
+
+At high qualities the fidelity reconstruction ``x_bar`` of the latent is topped up with
+the residual ``x - x_bar``: converted to YCbCr, cut into 8x8 blocks, transformed with
+the orthonormal DCT-II, quantized with a dead-zone quantizer (step ``step`` for luma,
+``step * chroma`` for chroma) and coded with rANS.
+
+Entropy model, per *band* = (component, diagonal ``u + v`` of the DCT coefficient,
+activity class of the block):
+
+- significance (coefficient != 0): Bernoulli with ``p = byte / 256``;
+- magnitude - 1 of significant coefficients: a geometric law with ratio
+  ``(byte + 0.5) / 256``, truncated to ``MAG - 1`` values plus an escape whose
+  excess goes out as ``ESC_BITS`` raw bits;
+- sign: one raw bit.
+
+The activity class of a block comes from the latent's entropy model: the sum over
+channels of the scale indexes at the latent position over the block.  Those are
+integers both sides already share (the latent decode checks them with its symbol
+CRC), so the classes cannot drift between machines; the class thresholds travel in
+the payload.  The encoder fits the band parameters (two bytes a band) to the image.
+Every probability is built from bytes with exactly rounded float operations, so
+encoder and decoder build identical tables anywhere.
+
+Payload layout (inside the container's refinement field)::
+
+    u16   step x 16            luma quantizer step, 1.0 .. 4095.9375
+    u8    chroma x 16          chroma step multiplier
+    u8    K                    activity classes, 1 .. MAX_CLASSES
+    K-1   varint thresholds    ascending class boundaries on block activity
+    bands u8 p [, u8 theta]    per (component, diagonal, class); p = 0: band all zero
+    rest  rANS words           uint32 little-endian
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import constriction
+import numpy as np
+
+from .errors import BdcError
+from .rans import _varint
+
+__all__ = ["BLOCK", "ROUNDING", "Refinement", "encode", "decode", "reconstruct", "project"]
+
+BLOCK = 8
+DIAGONALS = 2 * BLOCK - 1
+MAG = 24  # magnitude alphabet: 0 .. MAG-2 literal, MAG-1 escape
+ESC_BITS = 12
+MAX_CLASSES = 3
+ROUNDING = 1 / 3  # dead zone: |a| < 1 - ROUNDING quantizes to 0
+DEFAULT_CHROMA = 1.25
+_MIN_STEP16 = 16  # steps below 1.0 could overflow the escape field
+_EDGE = 1e-6
+
+_YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_RGB = np.linalg.inv(_YCC)
+_n = np.arange(BLOCK)
+_DCT = np.sqrt(2 / BLOCK) * np.cos(np.pi * (2 * _n[None] + 1) * _n[:, None] / (2 * BLOCK))
+_DCT[0] /= np.sqrt(2)
+_DIAG = (_n[:, None] + _n[None]).ravel()  # diagonal of each of the 64 coefficients
+
+_BERNOULLI = constriction.stream.model.Bernoulli(perfect=False)
+_CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
+_ESCAPE = constriction.stream.model.Uniform(1 << ESC_BITS)
+_SIGN = constriction.stream.model.Uniform(2)
+
+
+def _magnitude_table() -> np.ndarray:
+    """(256, MAG) probabilities of magnitude-1 for each theta byte (exactly rounded ops only)."""
+    theta = (np.arange(256, dtype=np.float64) + 0.5) / 256
+    table = np.empty((256, MAG))
+    table[:, 0] = 1.0
+    for m in range(1, MAG):
+        table[:, m] = table[:, m - 1] * theta
+    table[:, MAG - 1] = table[:, MAG - 1] / (1.0 - theta)  # the tail beyond MAG-2
+    return table / table.sum(1, keepdims=True)
+
+
+_MAG_P = _magnitude_table()
+_MAG_BITS = -np.log2(_MAG_P)
+
+
+@dataclasses.dataclass
+class Refinement:
+    """Decoded (or encoded) refinement: integer coefficients and their steps."""
+
+    q: np.ndarray  # int32 (3, blocks, 64)
+    steps: np.ndarray  # float64 (3,): luma, chroma, chroma
+    height: int
+    width: int
+
+
+# -- transforms -------------------------------------------------------------------------------
+def _grid(height: int, width: int) -> tuple[int, int]:
+    return -(-height // BLOCK), -(-width // BLOCK)
+
+
+def _forward(residual: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB residual -> (3, blocks, 64) DCT coefficients of its YCbCr."""
+    h, w, _ = residual.shape
+    by, bx = _grid(h, w)
+    pad = np.zeros((by * BLOCK, bx * BLOCK, 3))
+    pad[:h, :w] = residual @ _YCC.T
+    blocks = pad.reshape(by, BLOCK, bx, BLOCK, 3).transpose(4, 0, 2, 1, 3)
+    return (_DCT @ blocks @ _DCT.T).reshape(3, by * bx, BLOCK * BLOCK)
+
+
+def _inverse(coef: np.ndarray, height: int, width: int) -> np.ndarray:
+    by, bx = _grid(height, width)
+    blocks = _DCT.T @ coef.reshape(3, by, bx, BLOCK, BLOCK) @ _DCT
+    pad = blocks.transpose(1, 3, 2, 4, 0).reshape(by * BLOCK, bx * BLOCK, 3)
+    return pad[:height, :width] @ _RGB.T
+
+
+def block_activity(activity: np.ndarray, height: int, width: int, cell: int) -> np.ndarray:
+    """Activity of each block from a latent-resolution map (one value per ``cell`` pixels)."""
+    by, bx = _grid(height, width)
+    ys = np.arange(by) * BLOCK // cell
+    xs = np.arange(bx) * BLOCK // cell
+    if activity.shape[0] <= ys[-1] or activity.shape[1] <= xs[-1]:
+        raise ValueError("activity map smaller than the image")
+    return activity[ys[:, None], xs[None, :]].ravel().astype(np.int64)
+
+
+def _classes(act: np.ndarray, thresholds: list[int]) -> np.ndarray:
+    cls = np.zeros(act.shape, dtype=np.int64)
+    for t in thresholds:
+        cls += act >= t
+    return cls
+
+
+def _band_ids(cls: np.ndarray, k: int) -> np.ndarray:
+    """(3, blocks, 64) band index of every coefficient: (component, diagonal, class)."""
+    comp = np.arange(3)[:, None, None]
+    return (comp * DIAGONALS + _DIAG[None, None, :]) * k + cls[None, :, None]
+
+
+# -- encoder ----------------------------------------------------------------------------------
+def _bernoulli_bits(n1: np.ndarray, n0: np.ndarray, byte: np.ndarray) -> np.ndarray:
+    p = byte / 256
+    return -(n1 * np.log2(p) + n0 * np.log2(1 - p))
+
+
+def _fit(q: np.ndarray, bands: np.ndarray, n_bands: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Choose (p byte, theta byte) per band; returns them and the estimated bits."""
+    flat_b = bands.ravel()
+    nz = q.ravel() != 0
+    n = np.bincount(flat_b, minlength=n_bands)
+    n1 = np.bincount(flat_b, weights=nz, minlength=n_bands)
+    guess = np.clip(np.round(n1 / np.maximum(n, 1) * 256), 1, 255)
+    cands = np.clip(guess[None] + np.arange(-1, 2)[:, None], 1, 255)
+    cost = _bernoulli_bits(n1[None], (n - n1)[None], cands)
+    pbyte = cands[cost.argmin(0), np.arange(n_bands)].astype(np.int64)
+    bits = cost.min(0)
+    pbyte[n1 == 0] = 0
+    bits[n1 == 0] = 0
+    m = np.minimum(np.abs(q.ravel()[nz]) - 1, MAG - 1)
+    hist = np.zeros((n_bands, MAG))
+    np.add.at(hist, (flat_b[nz], m), 1)
+    mcost = hist @ _MAG_BITS.T  # (bands, 256)
+    tbyte = mcost.argmin(1)
+    esc = np.abs(q.ravel()[nz]) - 1 >= MAG - 1
+    total = bits.sum() + mcost.min(1).sum() + n1.sum() + esc.sum() * ESC_BITS
+    total += 8 * (np.count_nonzero(pbyte) + n_bands)
+    return pbyte, tbyte, float(total)
+
+
+def quantize(coef: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    a = coef / steps[:, None, None]
+    return (np.sign(a) * np.floor(np.abs(a) + ROUNDING)).astype(np.int32)
+
+
+def _steps(step16: int, chroma16: int) -> np.ndarray:
+    step = step16 / 16
+    return np.array([step, step * chroma16 / 16, step * chroma16 / 16])
+
+
+def encode(residual: np.ndarray, step: float, activity: np.ndarray, chroma: float = DEFAULT_CHROMA
+           ) -> tuple[bytes, Refinement]:
+    """Code an (H, W, 3) residual in 0..255 units; ``activity`` is one integer per block.
+
+    Returns the payload and the refinement the decoder will see.
+    """
+    h, w, _ = residual.shape
+    step16 = int(np.clip(round(step * 16), _MIN_STEP16, 65535))
+    chroma16 = int(np.clip(round(chroma * 16), 16, 255))
+    steps = _steps(step16, chroma16)
+    q = quantize(_forward(np.asarray(residual, dtype=np.float64)), steps)
+    best = None
+    tried = set()
+    for classes in range(1, MAX_CLASSES + 1):
+        quantiles = np.quantile(activity, np.arange(1, classes) / classes) if classes > 1 else []
+        thresholds = sorted({int(t) for t in quantiles if t > activity.min()})
+        k = len(thresholds) + 1
+        if k in tried:
+            continue
+        tried.add(k)
+        cls = _classes(activity, thresholds)
+        n_bands = 3 * DIAGONALS * k
+        bands = _band_ids(cls, k)
+        pbyte, tbyte, bits = _fit(q, bands, n_bands)
+        if best is None or bits < best[0]:
+            best = (bits, k, thresholds, bands, pbyte, tbyte)
+    _, k, thresholds, bands, pbyte, tbyte = best
+
+    head = bytearray(struct.pack("<HBB", step16, chroma16, k))
+    for i, t in enumerate(thresholds):
+        _varint(t - (thresholds[i - 1] if i else 0), head)
+    for b in range(len(pbyte)):
+        head.append(int(pbyte[b]))
+        if pbyte[b]:
+            head.append(int(tbyte[b]))
+
+    flat_b = bands.ravel()
+    flat_q = q.ravel()
+    live = pbyte[flat_b] > 0
+    sig = (flat_q[live] != 0).astype(np.int32)
+    nzq = flat_q[flat_q != 0]
+    nzb = flat_b[flat_q != 0]
+    mag = np.abs(nzq).astype(np.int64) - 1
+    esc = mag >= MAG - 1
+    coder = constriction.stream.stack.AnsCoder()
+    if nzq.size:
+        coder.encode_reverse((nzq < 0).astype(np.int32), _SIGN)
+        if esc.any():
+            coder.encode_reverse((mag[esc] - (MAG - 1)).astype(np.int32), _ESCAPE)
+        coder.encode_reverse(np.minimum(mag, MAG - 1).astype(np.int32), _CATEGORICAL, _MAG_P[tbyte[nzb]])
+    if sig.size:
+        coder.encode_reverse(sig, _BERNOULLI, pbyte[flat_b[live]] / 256)
+    words = coder.get_compressed().astype("<u4").tobytes()
+    return bytes(head) + words, Refinement(q, steps, h, w)
+
+
+# -- decoder ----------------------------------------------------------------------------------
+def decode(payload: bytes, height: int, width: int, activity: np.ndarray) -> Refinement:
+    """Parse and decode a payload; raises :class:`BdcError` on anything malformed."""
+    def fail(what: str):
+        raise BdcError(f"corrupt file: refinement layer {what}")
+
+    if len(payload) < 4:
+        fail("is truncated")
+    step16, chroma16, k = struct.unpack_from("<HBB", payload)
+    if step16 < _MIN_STEP16 or chroma16 < 16 or not 1 <= k <= MAX_CLASSES:
+        fail("has an invalid header")
+    pos = 4
+    thresholds = []
+    for _ in range(k - 1):
+        n = shift = 0
+        while True:
+            if pos >= len(payload) or shift > 28:
+                fail("has an invalid class threshold")
+            b = payload[pos]
+            pos += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        thresholds.append(n + (thresholds[-1] if thresholds else 0))
+    n_bands = 3 * DIAGONALS * k
+    pbyte = np.zeros(n_bands, dtype=np.int64)
+    tbyte = np.zeros(n_bands, dtype=np.int64)
+    for b in range(n_bands):
+        if pos >= len(payload):
+            fail("band table is truncated")
+        pbyte[b] = payload[pos]
+        pos += 1
+        if pbyte[b]:
+            if pos >= len(payload):
+                fail("band table is truncated")
+            tbyte[b] = payload[pos]
+            pos += 1
+    if (len(payload) - pos) % 4:
+        fail("stream is not whole words")
+    bands = _band_ids(_classes(activity, thresholds), k)
+    flat_b = bands.ravel()
+    q = np.zeros(flat_b.size, dtype=np.int64)
+    try:
+        coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload[pos:], dtype="<u4").astype(np.uint32))
+        live = np.flatnonzero(pbyte[flat_b] > 0)
+        if live.size:
+            sig = coder.decode(_BERNOULLI, pbyte[flat_b[live]] / 256)
+            nz = live[sig.astype(bool)]
+            if nz.size:
+                mag = coder.decode(_CATEGORICAL, _MAG_P[tbyte[flat_b[nz]]]).astype(np.int64)
+                esc = mag == MAG - 1
+                if esc.any():
+                    mag[esc] += coder.decode(_ESCAPE, int(esc.sum()))
+                neg = coder.decode(_SIGN, nz.size)
+                q[nz] = np.where(neg == 1, -(mag + 1), mag + 1)
+        if not coder.is_empty():
+            fail("has unused data (corrupt file or decoder desync)")
+    except BdcError:
+        raise
+    except Exception as exc:
+        fail(f"does not decode ({exc})")
+    return Refinement(q.reshape(bands.shape).astype(np.int32), _steps(step16, chroma16), height, width)
+
+
+def reconstruct(ref: Refinement) -> np.ndarray:
+    """The decoded residual, (H, W, 3) float in 0..255 units."""
+    return _inverse(ref.q * ref.steps[:, None, None], ref.height, ref.width)
+
+
+def project(ref: Refinement, proposal: np.ndarray) -> np.ndarray:
+    """The residual nearest to ``proposal`` whose coefficients quantize to ``ref.q``.
+
+    Every coefficient of the proposal is clamped into the quantizer cell the file
+    names, so the result is consistent with what was coded and keeps the proposal's
+    detail wherever the file leaves room for it.
+    """
+    a = _forward(np.asarray(proposal, dtype=np.float64)) / ref.steps[:, None, None]
+    mag = np.abs(ref.q)
+    lo = np.where(mag == 0, -(1 - ROUNDING), np.where(ref.q > 0, mag - ROUNDING, -(mag + 1 - ROUNDING)))
+    hi = np.where(mag == 0, 1 - ROUNDING, np.where(ref.q > 0, mag + 1 - ROUNDING, -(mag - ROUNDING)))
+    a = np.clip(a, lo + _EDGE, hi - _EDGE)  # strictly inside, so it re-quantizes to q
+    return _inverse(a * ref.steps[:, None, None], ref.height, ref.width)

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bdcodec import refine
+from bdcodec.errors import BdcError
+
+
+def _residual(rng, h, w, scale=6.0):
+    r = rng.laplace(0, scale, (h, w, 3))
+    r[: h // 2] *= 3  # a busier half, so the activity classes matter
+    return r
+
+
+def _activity(rng, h, w):
+    by, bx = -(-h // 8), -(-w // 8)
+    return np.repeat(np.arange(by) * 40, bx) + rng.integers(0, 30, by * bx)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (17, 33), (96, 128)])
+@pytest.mark.parametrize("step", [1.0, 7.5, 40.0])
+def test_round_trip_is_exact(size, step):
+    rng = np.random.default_rng(size[0] * 1000 + int(step))
+    r = _residual(rng, *size)
+    act = _activity(rng, *size)
+    payload, sent = refine.encode(r, step, act)
+    got = refine.decode(payload, *size, act)
+    assert np.array_equal(got.q, sent.q)
+    assert np.array_equal(got.steps, sent.steps)
+    assert refine.reconstruct(got).shape == r.shape
+
+
+def test_error_shrinks_with_the_step_and_matches_the_quantizer():
+    rng = np.random.default_rng(1)
+    r = _residual(rng, 64, 80)
+    act = _activity(rng, 64, 80)
+    errors, sizes = [], []
+    for step in (32.0, 8.0, 2.0):
+        payload, _ = refine.encode(r, step, act)
+        rec = refine.reconstruct(refine.decode(payload, 64, 80, act))
+        errors.append(np.sqrt(np.mean((rec - r) ** 2)))
+        sizes.append(len(payload))
+    assert errors == sorted(errors, reverse=True) and sizes == sorted(sizes)
+    # at step 2 the error is the quantizer's, a fraction of the step (chroma steps are 1.5x)
+    assert errors[-1] < 2.0
+
+
+def test_large_values_take_the_escape_path():
+    r = np.zeros((8, 8, 3))
+    r[:, :, :] = 255.0  # DC far beyond the literal alphabet at step 1
+    act = np.zeros(1, dtype=np.int64)
+    payload, sent = refine.encode(r, 1.0, act)
+    assert np.abs(sent.q).max() > refine.MAG
+    got = refine.decode(payload, 8, 8, act)
+    assert np.array_equal(got.q, sent.q)
+    assert np.allclose(refine.reconstruct(got), r, atol=1.0)
+
+
+def test_projection_stays_in_the_coded_cells_and_keeps_detail():
+    rng = np.random.default_rng(2)
+    r = _residual(rng, 48, 64)
+    act = _activity(rng, 48, 64)
+    payload, _ = refine.encode(r, 12.0, act)
+    ref = refine.decode(payload, 48, 64, act)
+    proposal = r + rng.normal(0, 3, r.shape)
+    out = refine.project(ref, proposal)
+    coef = refine._forward(out)
+    assert np.array_equal(refine.quantize(coef, ref.steps), ref.q)
+    # the projection moves the proposal no further than the file's reconstruction is from it
+    assert np.linalg.norm(out - proposal) <= np.linalg.norm(refine.reconstruct(ref) - proposal)
+
+
+def test_encoding_is_deterministic():
+    rng = np.random.default_rng(3)
+    r = _residual(rng, 40, 56)
+    act = _activity(rng, 40, 56)
+    assert refine.encode(r, 6.0, act)[0] == refine.encode(r.copy(), 6.0, act.copy())[0]
+
+
+def test_malformed_payloads_are_refused():
+    rng = np.random.default_rng(4)
+    act = _activity(rng, 32, 32)
+    payload, _ = refine.encode(_residual(rng, 32, 32), 4.0, act)
+    for bad, msg in [(b"", "truncated"), (payload[:3], "truncated"), (b"\x00\x00" + payload[2:], "invalid header"),
+                     (payload[:4] + b"\x01", "truncated"), (payload + b"\x00", "whole words")]:
+        with pytest.raises(BdcError, match=msg):
+            refine.decode(bad, 32, 32, act)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_payloads_decode_or_fail_cleanly(data):
+    rng = np.random.default_rng(5)
+    act = _activity(rng, 24, 40)
+    payload = bytearray(refine.encode(_residual(rng, 24, 40), 5.0, act)[0])
+    i = data.draw(st.integers(0, len(payload) - 1))
+    payload[i] ^= data.draw(st.integers(1, 255))
+    try:
+        got = refine.decode(bytes(payload), 24, 40, act)
+    except BdcError:
+        return
+    assert got.q.shape == (3, 15, 64)
