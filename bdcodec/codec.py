@@ -41,13 +41,23 @@ __all__ = ["Codec", "DEFAULT_QUALITY", "DEFAULT_STEPS"]
 DEFAULT_QUALITY = 75.0
 DEFAULT_STEPS = 8
 DEFAULT_TEMPERATURE = 0.5
-# Quality plan: up to REFINE_FROM the latent's rate level rises with quality; above it
-# the level stays put and a DCT refinement layer is added whose quantizer step falls
-# geometrically from STEP_COARSE to STEP_FINE at quality 100.
+# Quality plans: how the encoder splits bits between the latent and the refinement
+# layer.  Files carry the rate level and the refinement step they use, so these are
+# encoder policy, not format.  Past rate level ~1 a bit spent in the DCT refinement
+# layer buys more PSNR than one spent in the latent, while the diffusion decoder
+# draws more from a richer latent (lower LPIPS); hence one plan per decode mode.
+#   perceptual: up to REFINE_FROM the level rises to PERCEPTUAL_SHARE of the model's
+#     levels; above it the level stays and the refinement step falls geometrically
+#     from STEP_COARSE to STEP_FINE at quality 100.
+#   fidelity: the level rises only to FIDELITY_SHARE, and the refinement layer starts
+#     right above quality 0 with step STEP_START, reaching STEP_COARSE at REFINE_FROM.
 REFINE_FROM = 50.0
-BASE_SHARE = 0.6  # fraction of the model's rate levels used below REFINE_FROM
+PERCEPTUAL_SHARE = 0.6
+FIDELITY_SHARE = 0.2
+STEP_START = 160.0
 STEP_COARSE = 96.0
 STEP_FINE = 4.0
+_V2_SHARE = 0.6  # the single plan of version-2 files
 PAD = 64
 TILE = 1024  # pixels per tile side for g_a / g_s on large images
 MARGIN = 128  # overlap in pixels around each tile
@@ -126,16 +136,33 @@ class Codec:
         x = torch.from_numpy(np.array(pixels, dtype=np.uint8, order="C")).permute(2, 0, 1)[None].float() / 255.0
         return pad_to(x, PAD)
 
-    def plan(self, quality: float, version: int = container.VERSION) -> tuple[float, float | None]:
-        """(rate level, refinement step or None) for a quality 0..100."""
+    def plan(self, quality: float, mode: str = "perceptual") -> tuple[float, float | None]:
+        """(rate level, refinement step or None) the encoder uses for a quality 0..100.
+
+        ``mode`` is the decode mode the file is made for.  The level is rounded to
+        the container's 1/LEVEL_SCALE steps.
+        """
         top = self.model.cfg.levels - 1
         q = max(0.0, min(100.0, float(quality)))
-        if version < 2:
-            return q / 100 * top, None
-        if q <= REFINE_FROM:
-            return q / REFINE_FROM * BASE_SHARE * top, None
-        t = (q - REFINE_FROM) / (100 - REFINE_FROM)
-        return BASE_SHARE * top, STEP_COARSE * (STEP_FINE / STEP_COARSE) ** t
+        share = FIDELITY_SHARE if mode == "fidelity" else PERCEPTUAL_SHARE
+        level = round(min(q, REFINE_FROM) / REFINE_FROM * share * top * container.LEVEL_SCALE) / container.LEVEL_SCALE
+        if q > REFINE_FROM:
+            t = (q - REFINE_FROM) / (100 - REFINE_FROM)
+            return level, STEP_COARSE * (STEP_FINE / STEP_COARSE) ** t
+        if mode == "fidelity" and q > 0:
+            return level, STEP_START * (STEP_COARSE / STEP_START) ** (q / REFINE_FROM)
+        return level, None
+
+    def level_of(self, header: Header) -> float:
+        """The latent rate level a file was coded at (derived from the quality before version 3)."""
+        top = self.model.cfg.levels - 1
+        if header.level is not None:
+            if header.level > top:
+                raise BdcError(f"corrupt file: rate level {header.level:g} beyond the model's top level {top}")
+            return header.level
+        if header.version < 2:
+            return header.quality / 100 * top
+        return min(header.quality, REFINE_FROM) / REFINE_FROM * _V2_SHARE * top
 
     def _passes(self, psi: torch.Tensor, y: torch.Tensor | None, coder) -> tuple[torch.Tensor, np.ndarray]:
         """Run the chunk x (anchor, non-anchor) passes; returns y_hat (gained domain) and activity.
@@ -183,7 +210,13 @@ class Codec:
     # -- encode -------------------------------------------------------------------------------
     def encode(self, pixels: np.ndarray, quality: float = DEFAULT_QUALITY, target_bpp: float | None = None,
                gray: bool = False, mode: str = "perceptual", steps: int = DEFAULT_STEPS, seed: int = 0) -> bytes:
-        """Encode uint8 (H, W, 3) pixels; ``target_bpp`` searches the quality that meets it."""
+        """Encode uint8 (H, W, 3) pixels; ``target_bpp`` searches the quality that meets it.
+
+        ``mode`` is the decode mode the file is made for: it picks the quality plan
+        (see ``plan``) and is stored as the file's default decode mode.
+        """
+        if mode not in ("perceptual", "fidelity"):
+            raise BdcError(f"unknown mode {mode!r}")
         with torch.no_grad(), _one_thread():
             return self._encode(pixels, quality, target_bpp, gray, mode, steps, seed)
 
@@ -209,7 +242,7 @@ class Codec:
         recons: dict[float, np.ndarray] = {}  # level -> fidelity reconstruction, as decoded
 
         def at(q: float) -> bytes:
-            level, step = self.plan(q)
+            level, step = self.plan(q, mode)
             if level not in latents:
                 gain, _ = self.model.gains(level)
                 latents[level] = self._encode_latent(y0 * gain)
@@ -218,7 +251,8 @@ class Codec:
                 if level not in recons:
                     recons[level] = self._to_uint8(self._synthesize(y_hat_g, level, hgt, wid), hgt, wid)
                 streams = dataclasses.replace(streams, refine=self._refine(pixels, recons[level], activity, step))
-            return container.pack(Header(wid, hgt, q, self.weights_id, gray, mode, steps, seed), streams)
+            header = Header(wid, hgt, q, self.weights_id, gray, mode, steps, seed, level=level)
+            return container.pack(header, streams)
 
         if target_bpp is None:
             q = round(float(quality) * 2) / 2
@@ -273,6 +307,7 @@ class Codec:
                 f"file was made with weights {header.weights_id}, but the loaded weights are "
                 f"{self.weights_id} ({self.weights_path}); pass the matching --weights"
             )
+        level = self.level_of(header)
         mode = mode or header.mode
         if mode not in ("perceptual", "fidelity"):
             raise BdcError(f"unknown mode {mode!r}")
@@ -300,7 +335,6 @@ class Codec:
             act = refine.block_activity(activity, header.height, header.width, 16)
             ref = refine.decode(streams.refine, header.height, header.width, act)
         t1 = time.perf_counter()
-        level, _ = self.plan(header.quality, header.version)
         x_bar = self._synthesize(y_hat_g, level, header.height, header.width)
         if mode == "perceptual":
             gen = torch.Generator().manual_seed(int(seed))

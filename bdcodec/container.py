@@ -6,11 +6,14 @@ All integers little-endian; ``varint`` is unsigned LEB128 (at most 5 bytes here)
 bytes   field        meaning
 ======  ===========  ==========================================================
 3       magic        ``b"BDC"``
-1       version      container format version (2; version 1 is read too)
+1       version      container format version (3; versions 1 and 2 are read too)
 1       flags        bit 0: grayscale source; bit 1: default decode mode is
                      fidelity (else perceptual); bit 2: a refinement layer
                      follows the y stream; other bits must be 0
 1       quality      quality x 2 (0..200), i.e. 0..100 in half steps
+1       rate level   the latent's rate level x 50 (0..250); decoders take the
+                     level from here, so the encoder's quality plan may change
+                     without a new format version (absent before version 3)
 4       weights id   first 4 bytes of the weights' tensor hash
 varint  width - 1    image width in pixels  (1 .. 2^20)
 varint  height - 1   image height in pixels (1 .. 2^20)
@@ -24,8 +27,9 @@ varint  len, bytes   refinement layer (only with flag bit 2; see ``refine.py``)
 4       crc          CRC-32 of every byte before it
 ======  ===========  ==========================================================
 
-About 25 bytes in all for a Kodak-sized image.  Version 1 (no refinement layer,
-quality mapped straight onto the rate levels) is still decoded.  The parser checks every field and
+About 26 bytes in all for a Kodak-sized image.  Versions 1 and 2 had no rate-level
+byte: the decoder derives the level from the quality with the plan of that version
+(see ``Codec.level_of``); version 1 had no refinement layer either.  The parser checks every field and
 length before anything is allocated; this module does not import torch.
 """
 
@@ -40,8 +44,9 @@ from .errors import BdcError
 __all__ = ["MAGIC", "VERSION", "MAX_SIDE", "Header", "pack", "unpack", "describe"]
 
 MAGIC = b"BDC"
-VERSION = 2
-READ_VERSIONS = (1, 2)
+VERSION = 3
+READ_VERSIONS = (1, 2, 3)
+LEVEL_SCALE = 50  # the rate level is stored in steps of 1/LEVEL_SCALE
 MAX_SIDE = 1 << 20
 _FLAG_GRAY = 1
 _FLAG_FIDELITY = 2
@@ -59,6 +64,7 @@ class Header:
     steps: int = 8
     seed: int = 0
     version: int = VERSION
+    level: float | None = None  # latent rate level; None in files before version 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,10 +123,21 @@ def pack(header: Header, streams: Streams) -> bytes:
         raise ValueError("image size out of range")
     if not 1 <= header.steps <= 64 or not 0 <= header.seed < 2**32:
         raise ValueError("steps or seed out of range")
+    if header.version not in READ_VERSIONS:
+        raise ValueError(f"unknown version {header.version}")
+    if (header.level is None) != (header.version < 3):
+        raise ValueError("version 3 files carry a rate level; earlier versions do not")
+    if header.version < 2 and streams.refine:
+        raise ValueError("version 1 files have no refinement layer")
     flags = (_FLAG_GRAY if header.gray else 0) | (_FLAG_FIDELITY if header.mode == "fidelity" else 0)
     flags |= _FLAG_REFINE if streams.refine else 0
     out = bytearray(MAGIC)
-    out += bytes([VERSION, flags, q2])
+    out += bytes([header.version, flags, q2])
+    if header.level is not None:
+        code = round(header.level * LEVEL_SCALE)
+        if not 0 <= code <= 255 or abs(code / LEVEL_SCALE - header.level) > 1e-9:
+            raise ValueError(f"rate level must be 0..{255 / LEVEL_SCALE} in steps of 1/{LEVEL_SCALE}")
+        out.append(code)
     out += bytes.fromhex(header.weights_id)
     out += _varint(header.width - 1) + _varint(header.height - 1)
     out += bytes([header.steps]) + _varint(header.seed)
@@ -140,7 +157,7 @@ def unpack(data: bytes, max_pixels: int | None = None) -> tuple[Header, Streams]
     r.take(3, "magic")
     version = r.u8("version")
     if version not in READ_VERSIONS:
-        raise BdcError(f"unsupported .bdc version {version} (this bdcodec reads versions 1 and {VERSION})")
+        raise BdcError(f"unsupported .bdc version {version} (this bdcodec reads versions 1 to {VERSION})")
     if len(data) < 20:
         raise BdcError("truncated file: shorter than a header")
     stored_crc = struct.unpack("<I", data[-4:])[0]
@@ -153,6 +170,7 @@ def unpack(data: bytes, max_pixels: int | None = None) -> tuple[Header, Streams]
     q2 = r.u8("quality")
     if q2 > 200:
         raise BdcError(f"corrupt file: quality {q2 / 2} out of range")
+    level = r.u8("rate level") / LEVEL_SCALE if version >= 3 else None
     wid = r.take(4, "weights id").hex()
     width = r.varint("width", MAX_SIDE - 1) + 1
     height = r.varint("height", MAX_SIDE - 1) + 1
@@ -176,7 +194,7 @@ def unpack(data: bytes, max_pixels: int | None = None) -> tuple[Header, Streams]
         raise BdcError("corrupt file: y stream is not whole words")
     symbol_crc = struct.unpack("<I", data[body_end : body_end + 4])[0]
     header = Header(width, height, q2 / 2, wid, bool(flags & _FLAG_GRAY),
-                    "fidelity" if flags & _FLAG_FIDELITY else "perceptual", steps, seed, version)
+                    "fidelity" if flags & _FLAG_FIDELITY else "perceptual", steps, seed, version, level)
     refine = streams[3] if len(streams) > 3 else b""
     if flags & _FLAG_REFINE and not refine:
         raise BdcError("corrupt file: empty refinement layer")
@@ -196,7 +214,8 @@ def describe(data: bytes) -> str:
     lines = [
         f"format:      .bdc version {header.version}",
         f"size:        {header.width} x {header.height} ({'grayscale' if header.gray else 'RGB'} source)",
-        f"quality:     {header.quality:g}",
+        f"quality:     {header.quality:g}"
+        + (f" (latent rate level {header.level:g})" if header.level is not None else ""),
         f"weights id:  {header.weights_id}",
         f"decode:      {header.mode} mode, {header.steps} steps, seed {header.seed}",
         f"streams:     z {len(streams.z)} B, y {len(streams.y)} B, escapes {len(streams.escapes)} B, "

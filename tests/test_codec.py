@@ -122,34 +122,54 @@ def test_refinement_layer_above_refine_from_lifts_fidelity(codec, kodim23):
     assert psnr(crop, perc) > psnr(crop, out_base) + 0.5
 
 
-def test_version_1_files_keep_their_quality_mapping(codec, kodim23):
-    import struct
-    import zlib
+def _repacked(data: bytes, **changes) -> bytes:
+    import dataclasses
 
-    from bdcodec.codec import BASE_SHARE, REFINE_FROM
+    header, streams = container.unpack(data)
+    return container.pack(dataclasses.replace(header, **changes), streams)
+
+
+def test_earlier_versions_take_the_rate_level_from_the_quality(codec, kodim23):
+    from bdcodec.codec import REFINE_FROM
 
     crop = np.ascontiguousarray(kodim23[:64, :128])
-    # version 2 at REFINE_FROM and version 1 at BASE_SHARE * 100 name the same rate level
-    data = bytearray(codec.encode(crop, quality=REFINE_FROM))
-    data[3] = 1
-    data[5] = round(BASE_SHARE * 100 * 2)
-    body = bytes(data[:-4])
-    v1 = body + struct.pack("<I", zlib.crc32(body))
-    assert container.unpack(v1)[0].version == 1
-    a, _ = codec.decode(bytes(v1), mode="fidelity")
-    b, _ = codec.decode(codec.encode(crop, quality=REFINE_FROM), mode="fidelity")
-    assert np.array_equal(a, b)
+    data = codec.encode(crop, quality=REFINE_FROM)
+    assert container.unpack(data)[0].level == 3.0  # 0.6 of the model's 5 levels
+    # version 2 mapped quality 50, version 1 quality 60, to that same level
+    v2 = _repacked(data, version=2, level=None)
+    v1 = _repacked(data, version=1, level=None, quality=60.0)
+    want, _ = codec.decode(data, mode="fidelity")
+    for old in (v2, v1):
+        out, _ = codec.decode(old, mode="fidelity")
+        assert np.array_equal(out, want)
+    # the level in a version-3 file is what the decoder uses
+    other, _ = codec.decode(_repacked(data, level=2.0), mode="fidelity")
+    assert not np.array_equal(other, want)
+    with pytest.raises(BdcError, match="rate level 5.1 beyond"):
+        codec.decode(_repacked(data, level=5.1))
+
+
+def test_fidelity_tuning_moves_bits_into_the_refinement_layer(codec, kodim23):
+    perc = codec.encode(kodim23, quality=40)
+    fid = codec.encode(kodim23, quality=40, mode="fidelity")
+    hp, sp = container.unpack(perc)
+    hf, sf = container.unpack(fid)
+    assert (hp.mode, hf.mode) == ("perceptual", "fidelity")
+    assert hf.level < hp.level and len(sf.y) < len(sp.y)
+    assert not sp.refine and sf.refine
+    # a file made for fidelity decodes in fidelity mode by default
+    default, header = codec.decode(fid)
+    explicit, _ = codec.decode(fid, mode="fidelity")
+    assert header.mode == "fidelity" and np.array_equal(default, explicit)
+    assert psnr(kodim23, default) > 25
+    with pytest.raises(BdcError, match="unknown mode"):
+        codec.encode(kodim23, quality=40, mode="sharp")
 
 
 def test_file_from_other_weights_is_refused_by_id(codec, kodim23):
-    import struct
-    import zlib
-
-    data = bytearray(codec.encode(np.ascontiguousarray(kodim23[:64, :64]), quality=50))
-    data[6:10] = bytes.fromhex("00000000")
-    body = bytes(data[:-4])
+    data = codec.encode(np.ascontiguousarray(kodim23[:64, :64]), quality=50)
     with pytest.raises(BdcError, match="weights 00000000"):
-        codec.decode(body + struct.pack("<I", zlib.crc32(body)))
+        codec.decode(_repacked(data, weights_id="00000000"))
 
 
 def test_every_single_byte_flip_is_detected_or_harmless(codec):

@@ -1,3 +1,4 @@
+import dataclasses
 import struct
 import zlib
 
@@ -9,7 +10,7 @@ from bdcodec.container import MAGIC, Header, Streams, describe, pack, unpack
 from bdcodec.errors import BdcError
 
 HEADER = Header(width=768, height=512, quality=37.5, weights_id="0a1b2c3d", gray=False, mode="perceptual",
-                steps=8, seed=7)
+                steps=8, seed=7, level=1.48)
 STREAMS = Streams(z=b"zzzz" * 10, escapes=b"\x05", y=b"\x01\x02\x03\x04" * 50, symbol_crc=0xDEADBEEF)
 
 
@@ -20,11 +21,11 @@ def test_round_trip_and_small_overhead():
     overhead = len(data) - len(STREAMS.z) - len(STREAMS.y) - len(STREAMS.escapes)
     assert overhead <= 30
     text = describe(data)
-    assert "768 x 512" in text and "0a1b2c3d" in text and "quality:     37.5" in text
+    assert "768 x 512" in text and "0a1b2c3d" in text and "quality:     37.5 (latent rate level 1.48)" in text
 
 
 def test_gray_and_fidelity_flags_round_trip():
-    h = Header(1, 1, 100.0, "ffffffff", gray=True, mode="fidelity", steps=1, seed=2**32 - 1)
+    h = Header(1, 1, 100.0, "ffffffff", gray=True, mode="fidelity", steps=1, seed=2**32 - 1, level=5.1)
     assert unpack(pack(h, STREAMS))[0] == h
 
 
@@ -36,11 +37,20 @@ def test_refinement_layer_round_trips_and_is_described():
     assert "refinement:  none" in describe(pack(HEADER, STREAMS))
 
 
-def test_version_1_files_parse_without_the_refinement_flag():
-    body = bytearray(pack(HEADER, STREAMS)[:-4])
-    body[3] = 1
-    header, _ = unpack(_resealed(bytes(body)))
-    assert header.version == 1
+def test_earlier_versions_round_trip_without_a_rate_level():
+    for version, streams in ((1, STREAMS), (2, dataclasses.replace(STREAMS, refine=b"\x78\x00r"))):
+        header = dataclasses.replace(HEADER, version=version, level=None)
+        data = pack(header, streams)
+        assert data[3] == version and len(data) == len(pack(HEADER, streams)) - 1
+        assert unpack(data) == (header, streams)
+        assert "rate level" not in describe(data)
+    with pytest.raises(ValueError, match="refinement"):
+        pack(dataclasses.replace(HEADER, version=1, level=None), dataclasses.replace(STREAMS, refine=b"r"))
+    with pytest.raises(ValueError, match="rate level"):
+        pack(dataclasses.replace(HEADER, level=None), STREAMS)
+    with pytest.raises(ValueError, match="rate level"):
+        pack(dataclasses.replace(HEADER, level=1.234), STREAMS)  # not on the 1/50 grid
+    body = bytearray(pack(dataclasses.replace(HEADER, version=1, level=None), STREAMS)[:-4])
     body[4] |= 4  # the refinement flag does not exist in version 1
     with pytest.raises(BdcError, match="unknown flags"):
         unpack(_resealed(bytes(body)))
@@ -63,7 +73,7 @@ def test_refuses_foreign_truncated_and_corrupt_data():
 
 
 def test_huge_dimensions_refused_before_any_allocation():
-    h = Header(100000, 100000, 50.0, "00000000")
+    h = Header(100000, 100000, 50.0, "00000000", level=0.0)
     data = pack(h, STREAMS)
     with pytest.raises(BdcError, match="above the limit"):
         unpack(data, max_pixels=200_000_000)
