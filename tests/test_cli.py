@@ -47,6 +47,16 @@ def test_encode_decode_info_round_trip(run, small_png, tmp_path):
     assert Image.open(png).size == (128, 96)
     res = run("info", bdc)
     assert res.exit_code == 0 and "128 x 96" in res.output and "quality:     40" in res.output
+    assert "perceptual mode" in res.output
+
+
+def test_tune_fidelity_sets_the_default_decode_mode(run, small_png, tmp_path):
+    bdc, png, explicit = tmp_path / "a.bdc", tmp_path / "a.png", tmp_path / "b.png"
+    assert run("encode", small_png, bdc, "-q", "60", "--tune", "fidelity").exit_code == 0
+    assert "fidelity mode" in run("info", bdc).output
+    assert run("decode", bdc, png).exit_code == 0
+    assert run("decode", bdc, explicit, "--mode", "fidelity").exit_code == 0
+    assert png.read_bytes() == explicit.read_bytes()
 
 
 def test_missing_input_is_one_line_and_exit_1(run, tmp_path):
