@@ -154,7 +154,8 @@ def main(argv=None):
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--lr-final", type=float, default=3e-5, help="cosine decay target over --steps")
+    ap.add_argument("--lr-final", type=float, default=3e-5,
+                    help="cosine decay target, reached at --steps or, on one process, at --minutes if that comes first")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -320,7 +321,10 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(train_params, 1.0)
-        frac = min(step / max(args.steps, 1), 1.0)
+        frac = step / max(args.steps, 1)
+        if args.minutes and not distributed:  # ranks' clocks differ: under DDP the schedule follows steps only
+            frac = max(frac, (time.time() - t_start) / (args.minutes * 60))
+        frac = min(frac, 1.0)
         for g in opt.param_groups:
             g["lr"] = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * frac))
         opt.step()

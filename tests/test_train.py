@@ -33,7 +33,7 @@ def test_rd_then_diffusion_resume_and_export(data, tmp_path):
     rd = tmp_path / "rd"
     train_main(_args(data, rd, "--scratch", "--steps", "2"))
     assert (rd / "last.pt").exists() and (rd / "best.pt").exists() and (rd / "curves.png").exists()
-    train_main(_args(data, rd, "--scratch", "--steps", "3", "--resume"))
+    train_main(_args(data, rd, "--scratch", "--steps", "3", "--minutes", "30", "--resume"))
     import torch
 
     ckpt = torch.load(rd / "last.pt", weights_only=False)
