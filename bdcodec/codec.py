@@ -274,6 +274,13 @@ class Codec:
                 hi = mid - 1
         return best
 
+    def latent_bytes(self, x: torch.Tensor, level: float) -> int:
+        """Bytes of the z, escape and y streams for a (1, 3, H, W) image in 0..1 at a rate level."""
+        with torch.no_grad(), _one_thread():
+            y = self.model.g_a(pad_to(x, PAD).to(self.device)).float().cpu()
+            streams, _, _ = self._encode_latent(y * self.model.gains(level)[0])
+        return len(streams.z) + len(streams.escapes) + len(streams.y)
+
     def _refine(self, pixels: np.ndarray, x_bar: np.ndarray, activity: np.ndarray, step: float) -> bytes:
         """The refinement payload for ``pixels`` over ``x_bar``, or b"" when it would be empty."""
         t0 = time.perf_counter()

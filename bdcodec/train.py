@@ -397,10 +397,8 @@ def validate(model: BDCodecModel, val: list[torch.Tensor], stage: str, schedule:
     for level in levels:
         bpps, psnrs, real, msssim, lps = [], [], [], [], []
         for x in val:
-            if codec is not None and stage == "rd":
-                px = (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-                quality = level / (model.cfg.levels - 1) * 100
-                real.append(8 * len(codec.encode(px, quality=quality)) / (px.shape[0] * px.shape[1]))
+            if codec is not None and stage == "rd":  # the latent's real size at this level, from the coder
+                real.append(8 * codec.latent_bytes(x, level) / (x.shape[2] * x.shape[3]))
             x = x.to(device)
             xp = pad_to(x, 64)
             out = model(xp, level)

@@ -51,6 +51,7 @@ def test_file_size_matches_the_estimated_rate(codec, kodim23):
         header, streams = container.unpack(data)
         payload = len(streams.z) + len(streams.y) + len(streams.escapes)
         assert abs(payload - est_bits / 8) <= 0.02 * est_bits / 8 + 64, (payload, est_bits / 8)
+        assert codec.latent_bytes(x, header.level) == payload  # what training validation reports
 
 
 def test_encode_is_deterministic_and_decode_ignores_thread_count(codec, kodim23):
