@@ -234,8 +234,7 @@ class Codec:
         if not (1 <= wid <= container.MAX_SIDE and 1 <= hgt <= container.MAX_SIDE):
             raise BdcError(f"image size {wid}x{hgt} out of range")
         t0 = time.perf_counter()
-        x = self._tensor(pixels).to(self.device)
-        y0 = _tiled(self.model.g_a, x, 1 / 16, TILE, MARGIN).float().cpu()
+        y0 = self._analyse(self._tensor(pixels))
         self.timings = {"analysis": time.perf_counter() - t0}
 
         latents: dict[float, tuple] = {}  # level -> (streams, y_hat_g, activity)
@@ -274,10 +273,14 @@ class Codec:
                 hi = mid - 1
         return best
 
+    def _analyse(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent y (ungained, fp32 on the CPU) of a padded (1, 3, H, W) image in 0..1."""
+        return _tiled(self.model.g_a, x.to(self.device), 1 / 16, TILE, MARGIN).float().cpu()
+
     def latent_bytes(self, x: torch.Tensor, level: float) -> int:
         """Bytes of the z, escape and y streams for a (1, 3, H, W) image in 0..1 at a rate level."""
         with torch.no_grad(), _one_thread():
-            y = self.model.g_a(pad_to(x, PAD).to(self.device)).float().cpu()
+            y = self._analyse(pad_to(x, PAD))
             streams, _, _ = self._encode_latent(y * self.model.gains(level)[0])
         return len(streams.z) + len(streams.escapes) + len(streams.y)
 
