@@ -19,6 +19,8 @@ import json
 import math
 import os
 import random
+import sys
+import tarfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,35 +42,137 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS)
 
 
-class CropDataset(torch.utils.data.Dataset):
-    """Random crops and flips from a folder of images, decoded once and kept in memory."""
+def _decode_image(data: bytes, name: str) -> np.ndarray:
+    import io
 
-    def __init__(self, folder, crop: int, length: int = 10**9, limit: int | None = None, seed: int = 0):
-        paths = list_images(folder)[:limit]
-        if not paths:
-            raise SystemExit(f"no images in {folder}")
-        self.images = []
-        for p in paths:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if min(im.size) < crop:
-                    scale = crop / min(im.size)
-                    im = im.resize((math.ceil(im.width * scale), math.ceil(im.height * scale)), Image.BICUBIC)
-                self.images.append(np.asarray(im))
-        self.crop, self.length, self.seed = crop, length, seed
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def load_images(source, crop: int = 0, limit: int | None = None) -> list[np.ndarray]:
+    """uint8 (H, W, 3) arrays from a folder of images or a pack file (see :func:`pack`).
+
+    Images whose short side is below ``crop`` are upscaled to it.
+    """
+    source = Path(source)
+    arrays = []
+    if source.is_file():
+        with tarfile.open(source) as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)[:limit]
+            for m in members:
+                arrays.append(_decode_image(tar.extractfile(m).read(), m.name))
+    elif source.is_dir():
+        for p in list_images(source)[:limit]:
+            arrays.append(_decode_image(p.read_bytes(), p.name))
+    else:
+        raise SystemExit(f"no training data at {source}")
+    if not arrays:
+        raise SystemExit(f"no images in {source}")
+    out = []
+    for a in arrays:
+        h, w = a.shape[:2]
+        if min(h, w) < crop:
+            scale = crop / min(h, w)
+            im = Image.fromarray(a).resize((math.ceil(w * scale), math.ceil(h * scale)), Image.BICUBIC)
+            a = np.asarray(im)
+        out.append(a)
+    return out
+
+
+class Crops:
+    """Random crops and horizontal flips from images kept as uint8 tensors on the training device.
+
+    The images are decoded once; on a GPU they live in its memory and a batch is cut
+    there, so the data path costs no host work.  Crop positions come from a CPU
+    generator whose state is saved with the checkpoints.
+    """
+
+    def __init__(self, images: list[np.ndarray], crop: int, device, seed: int = 0):
+        self.images = [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous().to(device)
+                       for a in images]
+        self.crop, self.device = crop, device
+        self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self):
-        return self.length
+        return len(self.images)
 
-    def __getitem__(self, index):
-        rng = random.Random(index + self.seed * 1_000_003)
-        img = self.images[rng.randrange(len(self.images))]
-        h, w = img.shape[:2]
-        i, j = rng.randrange(h - self.crop + 1), rng.randrange(w - self.crop + 1)
-        patch = img[i : i + self.crop, j : j + self.crop]
-        if rng.random() < 0.5:
-            patch = patch[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float() / 255.0
+    def batch(self, n: int) -> torch.Tensor:
+        c = self.crop
+        which = torch.randint(len(self.images), (n,), generator=self.gen).tolist()
+        pos = torch.rand(n, 3, generator=self.gen, dtype=torch.float64).tolist()
+        out = torch.empty(n, 3, c, c, dtype=torch.uint8, device=self.device)
+        for k, (i, (u, v, f)) in enumerate(zip(which, pos)):
+            img = self.images[i]
+            h, w = img.shape[-2:]
+            top, left = int(u * (h - c + 1)), int(v * (w - c + 1))
+            patch = img[:, top : top + c, left : left + c]
+            out[k] = patch.flip(-1) if f < 0.5 else patch
+        return out.float().div_(255.0)
+
+
+def pack(folder, out, max_side: int = 512, quality: int = 76, fmt: str = "avif", jobs: int | None = None) -> dict:
+    """Pack a folder of training photos into one tar of compressed images.
+
+    Each image is scaled (Lanczos) so that its long side is at most ``max_side`` and
+    stored as AVIF 4:4:4 (or WebP/JPEG) at ``quality``: the 680 training photos fit a
+    file small enough to travel with a GPU job, at about 40 dB against the scaled
+    originals (measured on the training set), well above what the codec is trained
+    to reach.  The tar is written to a temporary name and renamed when complete.
+    """
+    import concurrent.futures
+    import io
+
+    paths = list_images(folder)
+    if not paths:
+        raise SystemExit(f"no images in {folder}")
+    fmt = fmt.lower()
+    suffix = {"avif": ".avif", "webp": ".webp", "jpeg": ".jpg"}[fmt]
+    work = [(str(p), max_side, quality, fmt) for p in paths]
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    total = 0
+    with concurrent.futures.ProcessPoolExecutor(jobs) as pool, tarfile.open(tmp, "w") as tar:
+        for p, data in zip(paths, pool.map(_pack_one, work, chunksize=8)):
+            info = tarfile.TarInfo(p.stem + suffix)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            total += len(data)
+    os.replace(tmp, out)
+    return {"images": len(paths), "bytes": out.stat().st_size}
+
+
+def _pack_one(job) -> bytes:
+    import io
+
+    path, max_side, quality, fmt = job
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if max(im.size) > max_side:
+            s = max_side / max(im.size)
+            im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.LANCZOS)
+        buf = io.BytesIO()
+        if fmt == "avif":
+            im.save(buf, "AVIF", quality=quality, subsampling="4:4:4", speed=6)
+        elif fmt == "webp":
+            im.save(buf, "WEBP", quality=quality, method=6)
+        else:
+            im.save(buf, "JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
+
+
+def pack_main(argv):
+    ap = argparse.ArgumentParser(prog="python -m bdcodec.train pack",
+                                 description="Pack training photos into one file that training reads like a folder.")
+    ap.add_argument("--data", required=True, help="folder of training photos")
+    ap.add_argument("--out", required=True, help="pack file to write (a tar of compressed images)")
+    ap.add_argument("--max-side", type=int, default=512, help="scale images so the long side is at most this")
+    ap.add_argument("--quality", type=int, default=76)
+    ap.add_argument("--format", choices=["avif", "webp", "jpeg"], default="avif")
+    ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    res = pack(args.data, args.out, args.max_side, args.quality, args.format, args.jobs)
+    print(f"packed {res['images']} images into {args.out}: {res['bytes'] / 1e6:.1f} MB, {time.time() - t0:.0f} s")
 
 
 def load_val(folder, limit: int) -> list[torch.Tensor]:
@@ -139,9 +243,13 @@ def find_lpips_weights(explicit: str | None) -> str | None:
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pack"]:
+        return pack_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m bdcodec.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=["rd", "diffusion"], default="rd")
-    ap.add_argument("--data", default="../shared/data/train")
+    ap.add_argument("--stage", choices=["rd", "diffusion", "both"], default="rd",
+                    help="both: rd, then diffusion on its best latents, within one --minutes budget")
+    ap.add_argument("--data", default="../shared/data/train", help="folder of images or a pack file")
     ap.add_argument("--val", default="../shared/data/kodak")
     ap.add_argument("--val-limit", type=int, default=4)
     ap.add_argument("--val-every", type=int, default=500)
@@ -150,13 +258,15 @@ def main(argv=None):
     ap.add_argument("--scratch", action="store_true", help="start from random initialisation")
     ap.add_argument("--resume", action="store_true", help="continue from <run-dir>/last.pt")
     ap.add_argument("--steps", type=int, default=100000)
-    ap.add_argument("--minutes", type=float, default=None, help="stop after this wall time")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="wall-time budget of the whole run, data loading included (with --stage both: both stages)")
+    ap.add_argument("--rd-share", type=float, default=0.6, help="--stage both: share of --minutes for stage rd")
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lr-final", type=float, default=3e-5,
                     help="cosine decay target, reached at --steps or, on one process, at --minutes if that comes first")
-    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--diffusion-lr", type=float, default=None, help="--stage both: learning rate of stage diffusion")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ckpt-minutes", type=float, default=5.0)
@@ -166,10 +276,14 @@ def main(argv=None):
     ap.add_argument("--lpips-weights", default=None, help="AlexNet features file for LPIPS (diffusion stage)")
     ap.add_argument("--lpips-weight", type=float, default=0.5)
     ap.add_argument("--export", default=None, help="write the best checkpoint to this safetensors file and exit")
+    ap.add_argument("--out", default=None, help="after training, write the best checkpoint to this safetensors file")
+    ap.add_argument("--shard-mb", type=float, default=None,
+                    help="with --export/--out: split weights into shards of at most this many MiB")
     ap.add_argument("--data-limit", type=int, default=None)
     ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                     help="bf16 autocast: auto = on for CUDA and for CPUs with native bf16 (AVX512-BF16/AMX)")
     args = ap.parse_args(argv)
+    t_process = time.time()
 
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if distributed:
@@ -181,26 +295,64 @@ def main(argv=None):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
 
-    run_dir = Path(args.run_dir or f"runs/{args.stage}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
+    shard = int(args.shard_mb * 2**20) if args.shard_mb else None
+    root = Path(args.run_dir or ("runs" if args.stage == "both" else f"runs/{args.stage}"))
     if args.export:
-        ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
-        model = BDCodecModel(ModelConfig.from_json(ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-        wid = save_model(model, args.export, ckpt["record"])
-        print(f"exported {run_dir / 'best.pt'} (step {ckpt['step']}) to {args.export}, weights id {wid}")
+        run_dir = root / "diffusion" if args.stage == "both" else root
+        _export(run_dir / "best.pt", args.export, shard)
         return
+    root.mkdir(parents=True, exist_ok=True)
 
+    data = None
+    if args.stage == "both":
+        deadline = t_process + args.minutes * 60 if args.minutes else None
+        rd_done = root / "rd" / "best.safetensors"
+        if not (args.resume and rd_done.exists()):
+            rd_minutes = None if deadline is None else args.minutes * args.rd_share - (time.time() - t_process) / 60
+            data = train_stage(args, "rd", root / "rd", args.init, rd_minutes, device, distributed, rank, world)
+            if rank == 0:
+                _export(root / "rd" / "best.pt", rd_done, None)
+            if distributed:
+                dist.barrier()
+        lr = args.diffusion_lr or args.lr
+        left = None if deadline is None else (deadline - time.time()) / 60
+        train_stage(argparse.Namespace(**{**vars(args), "lr": lr, "scratch": False}), "diffusion",
+                    root / "diffusion", str(rd_done), left, device, distributed, rank, world, data)
+        final = root / "diffusion" / "best.pt"
+        if not final.exists():  # no time was left for the diffusion stage
+            final = root / "rd" / "best.pt"
+    else:
+        train_stage(args, args.stage, root, args.init, args.minutes, device, distributed, rank, world)
+        final = root / "best.pt"
+    if args.out and rank == 0:
+        _export(final, args.out, shard)
+    if distributed:
+        dist.destroy_process_group()
+
+
+def _export(ckpt_path: Path, out, shard: int | None):
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model = BDCodecModel(ModelConfig.from_json(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    wid = save_model(model, out, ckpt["record"], max_shard_bytes=shard)
+    print(f"exported {ckpt_path} (step {ckpt['step']}) to {out}, weights id {wid}", flush=True)
+
+
+def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: float | None, device,
+                distributed: bool, rank: int, world: int, images: list[np.ndarray] | None = None):
+    """Train one stage into ``run_dir`` for ``args.steps`` steps or ``minutes``; returns the decoded images."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
     # -- model -----------------------------------------------------------------------------
     record = {"stages": []}
-    init = None if args.scratch else (args.init or _default_init())
+    init = None if args.scratch else (init or _default_init())
     if init:
         model, meta = load_model(init)
         record = json.loads(meta.get("training", "{}")) or record
@@ -218,7 +370,7 @@ def main(argv=None):
         model = BDCodecModel(cfg)
     model.to(device).train()
 
-    if args.stage == "rd":
+    if stage == "rd":
         train_params = [p for n, p in model.named_parameters()
                         if not n.startswith(("denoiser.", "texture.")) and not n.endswith("quantiles")]
     else:
@@ -227,9 +379,12 @@ def main(argv=None):
         model.denoiser.requires_grad_(True)
         train_params = list(model.texture.parameters()) + list(model.denoiser.parameters())
     opt = torch.optim.Adam(train_params, lr=args.lr)
-    aux_opt = torch.optim.Adam([model.entropy_bottleneck.quantiles], lr=1e-3) if args.stage == "rd" else None
+    aux_opt = torch.optim.Adam([model.entropy_bottleneck.quantiles], lr=1e-3) if stage == "rd" else None
     step, best, history = 0, float("inf"), []
     resumed_stage = None
+    if images is None:
+        images = load_images(args.data, args.crop, args.data_limit)
+    crops = Crops(images, args.crop, device, seed=args.seed * 1_000_003 + rank)
     if args.resume and (run_dir / "last.pt").exists():
         ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
@@ -237,16 +392,17 @@ def main(argv=None):
         if aux_opt and ckpt.get("aux_opt"):
             aux_opt.load_state_dict(ckpt["aux_opt"])
         step, best, history, record = ckpt["step"], ckpt["best"], ckpt["history"], ckpt["record"]
-        resumed_stage = None
-        if record["stages"] and record["stages"][-1]["stage"] == args.stage:
+        if record["stages"] and record["stages"][-1]["stage"] == stage:
             resumed_stage = record["stages"][-1]
             record = {**record, "stages": record["stages"][:-1]}
         torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("crop_rng") is not None and rank == 0:
+            crops.gen.set_state(ckpt["crop_rng"])
         print(f"resumed from {run_dir / 'last.pt'} at step {step}")
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
 
     lpips_fn = None
-    if args.stage == "diffusion":
+    if stage == "diffusion":
         path = find_lpips_weights(args.lpips_weights)
         if path:
             try:
@@ -260,49 +416,48 @@ def main(argv=None):
         from pytorch_msssim import ms_ssim
 
     schedule = BlurSchedule(cfg.sigma_blur_max, cfg.min_damping)
-    data = CropDataset(args.data, args.crop, limit=args.data_limit, seed=args.seed)
-    sampler_offset = step * args.batch * world + rank * args.batch
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(data, range(sampler_offset, sampler_offset + (args.steps - step + 1) * args.batch * world)),
-        batch_size=args.batch, num_workers=args.workers, sampler=None, shuffle=False,
-    )
     val = load_val(args.val, args.val_limit) if rank == 0 else []
-    print(f"stage {args.stage}: {sum(p.numel() for p in train_params)/1e6:.2f} M trainable parameters, "
-          f"{len(data.images)} training images, crop {args.crop}, batch {args.batch} x {world}")
+    print(f"stage {stage}: {sum(p.numel() for p in train_params)/1e6:.2f} M trainable parameters, "
+          f"{len(crops)} training images, crop {args.crop}, batch {args.batch} x {world}, device {device}"
+          + (f", {minutes:.1f} minutes" if minutes else ""), flush=True)
 
     use_bf16 = _use_bf16(args.bf16, device)
-    print(f"precision: {'bf16 autocast' if use_bf16 else 'fp32'}")
-    t_start = time.time()
+    print(f"precision: {'bf16 autocast' if use_bf16 else 'fp32'}", flush=True)
     last_ckpt = time.time()
-    stage_rec = {"stage": args.stage, "data": str(args.data), "images": len(data.images), "crop": args.crop,
+    stage_rec = {"stage": stage, "data": str(args.data), "images": len(crops), "crop": args.crop,
                  "batch": args.batch * world,
                  "start_step": step, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "device": str(device), "lambdas": list(cfg.lambdas),
-                 "precision": "bf16" if use_bf16 else "fp32"}
+                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "lambdas": list(cfg.lambdas), "precision": "bf16" if use_bf16 else "fp32"}
     if resumed_stage:
         stage_rec.update(start_step=resumed_stage["start_step"], started=resumed_stage["started"])
     stage_rec["minutes_before"] = (resumed_stage or {}).get("minutes", 0.0)
     try:
         from tqdm import tqdm
-        bar = tqdm(total=args.steps, initial=step, disable=rank != 0, mininterval=10, dynamic_ncols=True)
+        bar = tqdm(total=args.steps, initial=step, disable=rank != 0 or not sys.stderr.isatty(), mininterval=10,
+                   dynamic_ncols=True)
     except ImportError:
         bar = None
-    loader_it = iter(loader)
-    rng = random.Random(args.seed * 7919 + step)
+    rng = random.Random(args.seed * 7919 + step + 104729 * rank)
+    if minutes is not None and minutes <= 0:
+        print(f"stage {stage}: no time left, skipped", flush=True)
+        return images
     stop = False
+    t_train = time.time()
+    t_rate, n_rate = time.time(), 0
     while step < args.steps and not stop:
-        x = next(loader_it).to(device, non_blocking=True)
+        x = crops.batch(args.batch)
         level = rng.uniform(0, cfg.levels - 1)
         lam = model.lmbda(level)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            if args.stage == "rd":
+            if stage == "rd":
                 out, bpp, mse = rd_terms(model, x, level, ddp_model(x, level))
                 if ms_ssim is not None:
                     dist_term = 1 - ms_ssim(out["x_bar"].float().clamp(0, 1), x, data_range=1.0)
                     loss = bpp + lam * 255**2 / 60 * dist_term  # keeps the MSE lambdas in the same bpp range
                 else:
                     loss = bpp + lam * 255**2 * mse
-                stats = {"bpp": bpp.item(), "psnr": 10 * math.log10(1 / max(mse.item(), 1e-12))}
+                stats = {"bpp": bpp, "psnr": mse}
             else:
                 with torch.no_grad():
                     model.eval()  # frozen codec: rounded z, as at decode time (the denoiser has no BN/dropout)
@@ -313,17 +468,17 @@ def main(argv=None):
                 pred = ddp_model.module if distributed else model
                 x0 = pred.denoiser(z_t, t, pred.texture(out["y_hat"]), x_bar * 2 - 1)
                 x0_01 = (x0 + 1) / 2
-                loss = F.l1_loss(x0_01, x)
+                l1 = F.l1_loss(x0_01, x)
+                loss = l1
                 if lpips_fn is not None:
-                    lp = lpips_fn(x0_01.float(), x)
-                    loss = loss + args.lpips_weight * lp
-                stats = {"l1": F.l1_loss(x0_01, x).item(), "psnr": psnr(x0_01.detach().float(), x)}
+                    loss = loss + args.lpips_weight * lpips_fn(x0_01.float(), x)
+                stats = {"l1": l1, "psnr": F.mse_loss(x0_01.detach().float().clamp(0, 1), x)}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(train_params, 1.0)
         frac = step / max(args.steps, 1)
-        if args.minutes and not distributed:  # ranks' clocks differ: under DDP the schedule follows steps only
-            frac = max(frac, (time.time() - t_start) / (args.minutes * 60))
+        if minutes and not distributed:  # ranks' clocks differ: under DDP the schedule follows steps only
+            frac = max(frac, (time.time() - t_train) / max(minutes * 60 - (t_train - t_start), 1e-3))
         frac = min(frac, 1.0)
         for g in opt.param_groups:
             g["lr"] = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * frac))
@@ -333,14 +488,18 @@ def main(argv=None):
             model.aux_loss().backward()
             aux_opt.step()
         step += 1
+        n_rate += x.shape[0] * world
+        if minutes and time.time() - t_start > minutes * 60:
+            stop = True
         if bar:
             bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()}, refresh=False)
-        if args.minutes and time.time() - t_start > args.minutes * 60:
-            stop = True
         if rank == 0 and (step % args.val_every == 0 or stop or step == args.steps):
-            metrics = validate(model, val, args.stage, schedule, device, lpips_fn)
-            metrics.update(step=step, minutes=(time.time() - t_start) / 60, **{f"train_{k}": v for k, v in stats.items()})
+            stats = {k: v.item() for k, v in stats.items()}
+            stats["psnr"] = 10 * math.log10(1 / max(stats["psnr"], 1e-12))
+            rate = n_rate / (time.time() - t_rate)
+            metrics = validate(model, val, stage, schedule, device, lpips_fn)
+            metrics.update(step=step, minutes=(time.time() - t_start) / 60, images_per_s=round(rate, 1),
+                           **{f"train_{k}": v for k, v in stats.items()})
             history.append(metrics)
             print(json.dumps(metrics), flush=True)
             score = metrics["score"]
@@ -348,17 +507,17 @@ def main(argv=None):
             rec["stages"] = record["stages"] + [_stage_entry(stage_rec, step, t_start, metrics)]
             if score < best:
                 best = score
-                _save(run_dir / "best.pt", model, opt, aux_opt, step, best, history, rec)
+                _save(run_dir / "best.pt", model, opt, aux_opt, step, best, history, rec, crops)
             _plot(history, run_dir / "curves.png")
+            t_rate, n_rate = time.time(), 0
         if rank == 0 and (time.time() - last_ckpt > args.ckpt_minutes * 60 or stop or step == args.steps):
             rec = dict(record)
             rec["stages"] = record["stages"] + [_stage_entry(stage_rec, step, t_start, history[-1] if history else None)]
-            _save(run_dir / "last.pt", model, opt, aux_opt, step, best, history, rec)
+            _save(run_dir / "last.pt", model, opt, aux_opt, step, best, history, rec, crops)
             last_ckpt = time.time()
     if bar:
         bar.close()
-    if distributed:
-        dist.destroy_process_group()
+    return images
 
 
 def _stage_entry(stage_rec: dict, step: int, t_start: float, val: dict | None) -> dict:
@@ -432,12 +591,12 @@ def validate(model: BDCodecModel, val: list[torch.Tensor], stage: str, schedule:
     return res
 
 
-def _save(path: Path, model, opt, aux_opt, step, best, history, record):
+def _save(path: Path, model, opt, aux_opt, step, best, history, record, crops=None):
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                 "aux_opt": aux_opt.state_dict() if aux_opt else None, "step": step, "best": best,
                 "history": history, "record": record, "config": model.cfg.to_json(),
-                "rng": torch.get_rng_state()}, tmp)
+                "rng": torch.get_rng_state(), "crop_rng": crops.gen.get_state() if crops else None}, tmp)
     os.replace(tmp, path)
 
 

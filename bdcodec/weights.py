@@ -8,6 +8,11 @@ Metadata keys (all strings):
 - ``weights_id``: 8 hex digits, a hash of the tensors, written into every ``.bdc``
   file so that a file is never decoded with the wrong model.
 
+A model larger than a transfer limit can be written as shards
+``NAME-00001-of-00002.safetensors`` ...: each holds some of the tensors and the
+same metadata; ``load_model("NAME.safetensors")`` (or any shard's path) joins them
+and checks the joined tensors against the weights id.
+
 Weights are found, in order, at ``--weights PATH``, ``$BDCODEC_WEIGHTS``, and the
 ``bdcodec.shipped`` package (the repository's ``weights/`` folder, installed with the
 package by ``pip install .`` and mapped in place by ``pip install -e .``).
@@ -15,14 +20,17 @@ package by ``pip install .`` and mapped in place by ``pip install -e .``).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from .errors import BdcError
 
-__all__ = ["DEFAULT_NAME", "FORMAT", "default_weights_path", "read_metadata", "save_model", "load_model", "tensors_id"]
+__all__ = ["DEFAULT_NAME", "FORMAT", "default_weights_path", "read_metadata", "save_model", "load_model", "tensors_id",
+           "weight_files"]
 
 DEFAULT_NAME = "bdcodec-base.safetensors"
 FORMAT = "1"
@@ -57,13 +65,39 @@ def tensors_id(state: dict) -> str:
     return h.hexdigest()[:8]
 
 
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.safetensors$")
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The files that make up the weights at ``path``: the file itself, or all its shards.
+
+    ``path`` may name a single file, one shard, or the unsharded name whose shards
+    ``STEM-0000k-of-0000n.safetensors`` lie beside it.  A missing shard is an error.
+    """
+    path = Path(path)
+    m = _SHARD.match(path.name)
+    if m is None:
+        if path.is_file():
+            return [path]
+        stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+        found = sorted(f for f in path.parent.glob(f"{glob.escape(stem)}-*-of-*.safetensors")
+                       if (m := _SHARD.match(f.name)) and m["stem"] == stem)
+        if not found:
+            raise BdcError(f"weights file not found: {path}")
+        m = _SHARD.match(found[0].name)
+    n = int(m["n"])
+    files = [path.parent / f"{m['stem']}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise BdcError(f"weights shard missing: {path.parent / missing[0]} ({n} shards expected)")
+    return files
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The metadata of a weights file, without loading its tensors."""
+    """The metadata of a weights file (the first shard of sharded weights), without loading tensors."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise BdcError(f"weights file not found: {path}")
+    path = weight_files(path)[0]
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -74,8 +108,12 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def save_model(model, path: str | os.PathLike, training: dict) -> str:
-    """Write ``model`` as fp32 safetensors with config and training record; returns its weights id."""
+def save_model(model, path: str | os.PathLike, training: dict, max_shard_bytes: int | None = None) -> str:
+    """Write ``model`` as fp32 safetensors with config and training record; returns its weights id.
+
+    With ``max_shard_bytes``, weights larger than that are split by tensor into shards
+    ``STEM-0000k-of-0000n.safetensors`` of at most that size each (header included).
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -91,10 +129,33 @@ def save_model(model, path: str | os.PathLike, training: dict) -> str:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    groups = _split(state, max_shard_bytes, len(json.dumps(meta))) if max_shard_bytes else [list(state)]
+    if len(groups) == 1:
+        targets = [path]
+    else:
+        stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+        targets = [path.parent / f"{stem}-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
+    for names, target in zip(groups, targets):
+        tmp = target.with_name(target.name + ".tmp")
+        save_file({k: state[k] for k in names}, str(tmp), metadata=meta)
+        os.replace(tmp, target)
     return wid
+
+
+def _split(state: dict, limit: int, meta_bytes: int) -> list[list[str]]:
+    """Tensor names in groups whose files, header included, stay within ``limit`` bytes."""
+    budget = limit - meta_bytes - 4096  # the header: metadata, then about 100 bytes per tensor
+    groups, size = [[]], 0
+    for name in state:
+        n = state[name].numel() * state[name].element_size() + 160 + len(name)
+        if n > budget:
+            raise ValueError(f"tensor {name} ({n} bytes) does not fit a shard of {limit} bytes")
+        if size + n > budget and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    return groups
 
 
 def load_model(path: str | os.PathLike | None = None):
@@ -110,7 +171,12 @@ def load_model(path: str | os.PathLike | None = None):
     except (ValueError, TypeError) as exc:
         raise BdcError(f"{path}: weights config does not match this version of bdcodec: {exc}") from None
     model = BDCodecModel(cfg)
-    state = load_file(str(path))
+    files = weight_files(path)
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    if len(files) > 1 and tensors_id(state) != meta["weights_id"]:
+        raise BdcError(f"{path}: shards do not join to weights {meta['weights_id']} (mixed or damaged shards)")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

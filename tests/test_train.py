@@ -52,6 +52,50 @@ def test_rd_then_diffusion_resume_and_export(data, tmp_path):
     assert model.cfg.chunks == (16, 16, 32, 64)
 
 
+def test_pack_then_both_stages_in_one_budget_with_sharded_export(data, tmp_path):
+    """The GPU path's code on the CPU: pack file, on-device crops, rd then diffusion, sharded export."""
+    import tarfile
+
+    packed = tmp_path / "train.tar"
+    train_main(["pack", "--data", str(data / "train"), "--out", str(packed), "--max-side", "64", "--jobs", "1"])
+    with tarfile.open(packed) as tar:
+        names = tar.getnames()
+    assert sorted(names) == ["0.avif", "1.avif", "2.avif", "3.avif"]
+    from bdcodec.train import load_images
+
+    imgs = load_images(packed)
+    assert [a.shape for a in imgs] == [(64, 53, 3)] * 4  # 96x80 scaled to a long side of 64
+    ref = load_images(data / "train")
+    small = [np.asarray(Image.fromarray(a).resize((53, 64), Image.LANCZOS), dtype=float) for a in ref]
+    mse = np.mean([((a - b) ** 2).mean() for a, b in zip(imgs, small)])
+    assert 10 * np.log10(255**2 / mse) > 30  # a faithful copy (these test images are noise-heavy)
+    out = tmp_path / "w.safetensors"
+    train_main(["--stage", "both", "--data", str(packed), "--val", str(data / "val"), "--val-limit", "1",
+                "--crop", "64", "--batch", "2", "--steps", "2", "--val-every", "1", "--minutes", "20",
+                "--run-dir", str(tmp_path / "run"), "--out", str(out), "--shard-mb", "16",
+                "--lpips-weights", str(tmp_path / "none.pth")])
+    assert len(list(tmp_path.glob("w-0000*-of-00002.safetensors"))) == 2
+    model, meta = load_model(out)
+    record = json.loads(meta["training"])
+    assert [s["stage"] for s in record["stages"][-2:]] == ["rd", "diffusion"]
+    assert record["stages"][-1]["val"]["images_per_s"] > 0
+    assert (tmp_path / "run" / "rd" / "best.safetensors").exists()
+
+
+def test_crops_are_reproducible_and_cover_flips():
+    import torch
+
+    from bdcodec.train import Crops
+
+    cols = np.arange(50, dtype=np.uint8)[None, None, :, None] * 5
+    img = np.broadcast_to(cols + np.arange(40, dtype=np.uint8)[None, :, None, None], (2, 40, 50, 3))
+    a, b = Crops(list(img), 16, "cpu", seed=3), Crops(list(img), 16, "cpu", seed=3)
+    xa, xb = a.batch(64), b.batch(64)
+    assert xa.shape == (64, 3, 16, 16) and xa.dtype == torch.float32 and torch.equal(xa, xb)
+    flipped = (xa[:, :, :, 0] > xa[:, :, :, -1]).all(dim=(1, 2))  # columns increase unless flipped
+    assert 0 < int(flipped.sum()) < 64
+
+
 def test_ablation_switches_build_other_models(data, tmp_path):
     train_main(_args(data, tmp_path / "abl", "--scratch", "--steps", "1", "--no-global-context", "--even-chunks"))
     train_main(["--run-dir", str(tmp_path / "abl"), "--export", str(tmp_path / "abl.safetensors")])

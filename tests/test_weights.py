@@ -43,3 +43,25 @@ def test_bad_weights_files_are_refused_in_one_line(tmp_path):
         load_model(plain)
     with pytest.raises(ValueError, match="does not know"):
         ModelConfig.from_json(json.dumps({"N": 64, "flux_capacitor": 1}))
+
+
+def test_sharded_weights_join_and_refuse_missing_or_mixed_shards(tmp_path):
+    torch.manual_seed(0)
+    m = BDCodecModel()
+    wid = save_model(m, tmp_path / "w.safetensors", {"stages": []}, max_shard_bytes=8 * 2**20)
+    shards = sorted(tmp_path.glob("w-*-of-*.safetensors"))
+    assert len(shards) >= 3 and not (tmp_path / "w.safetensors").exists()
+    assert all(s.stat().st_size <= 8 * 2**20 for s in shards) and sum(s.stat().st_size for s in shards) > 24 * 2**20
+    for name in (tmp_path / "w.safetensors", shards[1]):  # the plain name or any shard
+        m2, meta = load_model(name)
+        assert meta["weights_id"] == wid
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    # a shard of other weights in the set is caught by the id check
+    other = BDCodecModel()
+    save_model(other, tmp_path / "o.safetensors", {"stages": []}, max_shard_bytes=8 * 2**20)
+    shards[0].write_bytes(sorted(tmp_path.glob("o-*-of-*.safetensors"))[0].read_bytes())
+    with pytest.raises(BdcError, match="do not join"):
+        load_model(tmp_path / "w.safetensors")
+    shards[-1].unlink()
+    with pytest.raises(BdcError, match="shard missing"):
+        load_model(tmp_path / "w.safetensors")

@@ -1,0 +1,101 @@
+"""The CUDA path: files cross between GPU and CPU, and what a GPU decode costs.
+
+Skipped without CUDA.  With ``BDCODEC_CUDA_REPORT=FILE`` the measured differences and
+timings are also written there as JSON (``scripts/gpu-train.sh`` collects it).
+"""
+
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bdcodec import container
+from bdcodec.bench import psnr
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# Perceptual decodes on CUDA and on the CPU run the same sampler with the same noise (drawn
+# on the CPU); only float rounding in the networks differs.  Stated tolerance, in grey levels:
+PERCEPTUAL_MEAN_TOL = 0.5
+PERCEPTUAL_P999_TOL = 6
+
+
+def _report(key, value):
+    path = os.environ.get("BDCODEC_CUDA_REPORT")
+    if not path:
+        return
+    data = json.loads(open(path).read()) if os.path.exists(path) else {}
+    data[key] = value
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+
+
+@pytest.fixture(scope="module")
+def codecs():
+    from bdcodec.codec import Codec
+
+    return {"cpu": Codec(device="cpu"), "cuda": Codec(device="cuda")}
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.asarray(Image.open(ROOT / "examples" / "kodim23.png").convert("RGB"))
+
+
+@pytest.mark.parametrize("quality,tune", [(20, "perceptual"), (75, "perceptual"), (40, "fidelity")])
+def test_files_cross_between_cuda_and_cpu(codecs, image, quality, tune):
+    files = {dev: c.encode(image, quality=quality, mode=tune) for dev, c in codecs.items()}
+    diffs = {}
+    for made_on, data in files.items():
+        header, streams = container.unpack(data)
+        outs = {}
+        for dev, c in codecs.items():
+            outs[dev], _ = c.decode(data, mode="fidelity")  # the symbol CRC is checked inside decode
+        d = np.abs(outs["cpu"].astype(int) - outs["cuda"].astype(int))
+        diffs[made_on] = {"max": int(d.max()), "mean": float(d.mean()), "bytes": len(data),
+                          "psnr_cpu": psnr(image, outs["cpu"]), "psnr_cuda": psnr(image, outs["cuda"])}
+        assert d.max() <= 1, (made_on, int(d.max()))
+    _report(f"cross_q{quality}_{tune}", diffs)
+    # Both encoders see the same image; their files differ at most by a few flipped roundings.
+    assert abs(len(files["cpu"]) - len(files["cuda"])) <= 0.02 * len(files["cpu"]) + 16
+
+
+def test_perceptual_decode_on_cuda_matches_cpu_within_tolerance(codecs, image):
+    data = codecs["cpu"].encode(image, quality=20)
+    outs = {dev: c.decode(data, mode="perceptual")[0].astype(int) for dev, c in codecs.items()}
+    d = np.abs(outs["cpu"] - outs["cuda"])
+    res = {"max": int(d.max()), "mean": float(d.mean()), "p999": float(np.percentile(d, 99.9)),
+           "psnr_between": psnr(outs["cpu"].astype(np.uint8), outs["cuda"].astype(np.uint8))}
+    _report("perceptual_cuda_vs_cpu", res)
+    assert res["mean"] <= PERCEPTUAL_MEAN_TOL and res["p999"] <= PERCEPTUAL_P999_TOL, res
+
+
+def test_1080p_decode_times_on_cuda(codecs, image):
+    big = np.asarray(Image.fromarray(image).resize((1920, 1080), Image.LANCZOS))
+    c = codecs["cuda"]
+    data = c.encode(big, quality=50)
+    times = {}
+    for mode in ("fidelity", "perceptual"):
+        c.decode(data, mode=mode)  # warm-up: cuDNN picks its kernels
+        runs = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out, _ = c.decode(data, mode=mode)
+            torch.cuda.synchronize()
+            runs.append(time.perf_counter() - t0)
+        times[mode] = {"median_s": statistics.median(runs), "runs": runs, "timings": dict(c.timings)}
+        assert out.shape == big.shape
+    t0 = time.perf_counter()
+    c.encode(big, quality=50)
+    times["encode_s"] = time.perf_counter() - t0
+    times["device"] = torch.cuda.get_device_name()
+    _report("decode_1080p", times)
+    assert times["fidelity"]["median_s"] < 60 and times["perceptual"]["median_s"] < 120
