@@ -101,8 +101,8 @@ class BlurSchedule:
     def damping(self, t: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """d_t per frequency: (*t.shape, h, w), float64."""
         t = t.to(torch.float64)
-        fi = (math.pi * torch.arange(h, dtype=torch.float64) / h) ** 2
-        fj = (math.pi * torch.arange(w, dtype=torch.float64) / w) ** 2
+        fi = (math.pi * torch.arange(h, dtype=torch.float64, device=t.device) / h) ** 2
+        fj = (math.pi * torch.arange(w, dtype=torch.float64, device=t.device) / w) ** 2
         lam = fi.view(-1, 1) + fj.view(1, -1)
         sigma_b = self.sigma_blur_max * torch.sin(math.pi * t / 2) ** 2
         tau = (sigma_b**2 / 2).reshape(*t.shape, 1, 1)
