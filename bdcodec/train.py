@@ -329,7 +329,8 @@ def main(argv=None):
         if not final.exists():  # no time was left for the diffusion stage
             final = root / "rd" / "best.pt"
     else:
-        train_stage(args, args.stage, root, args.init, args.minutes, device, distributed, rank, world)
+        minutes = None if args.minutes is None else args.minutes - (time.time() - t_process) / 60
+        train_stage(args, args.stage, root, args.init, minutes, device, distributed, rank, world)
         final = root / "best.pt"
     if args.out and rank == 0:
         _export(final, args.out, shard)

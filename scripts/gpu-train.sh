@@ -38,10 +38,10 @@ BDCODEC_CUDA_REPORT="$out/cuda-report.json" timeout 170 python3 -m pytest -q -p 
 
 echo "== training"
 run=/tmp/bdcodec-run
-# what is left, less 50 s for the export and the fallback below
-minutes=$(python3 -c "print(f'{($(left) - 50) / 60:.2f}')")
+# what is left, less 75 s: the last validation and export run past --minutes, and the fallback below
+minutes=$(python3 -c "print(f'{($(left) - 75) / 60:.2f}')")
 echo "training budget: $minutes minutes"
-timeout --signal=INT --kill-after=20 "$(python3 -c "print(int($minutes * 60 + 25))")" \
+timeout --signal=INT --kill-after=15 "$(python3 -c "print(int($minutes * 60 + 40))")" \
     python3 -m bdcodec.train --stage both --data .gpu/train.tar --val examples --val-limit 3 \
     --minutes "$minutes" --rd-share 0.6 --crop 256 --batch 32 --lr 1e-4 --lr-final 1e-5 --diffusion-lr 1e-4 \
     --ckpt-minutes 1 --val-every 200 --run-dir "$run" --out "$out/bdcodec-gpu.safetensors" --shard-mb 16 \

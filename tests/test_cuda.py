@@ -22,9 +22,10 @@ from .conftest import ROOT
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 # Perceptual decodes on CUDA and on the CPU run the same sampler with the same noise (drawn
-# on the CPU); only float rounding in the networks differs.  Stated tolerance, in grey levels:
-PERCEPTUAL_MEAN_TOL = 0.5
-PERCEPTUAL_P999_TOL = 6
+# on the CPU); only float rounding in the networks differs.  Stated tolerance, in grey levels
+# (measured on an H200: mean 0.009, max 1, 68.6 dB between the two):
+PERCEPTUAL_MEAN_TOL = 0.05
+PERCEPTUAL_MAX_TOL = 2
 
 
 def _report(key, value):
@@ -74,7 +75,7 @@ def test_perceptual_decode_on_cuda_matches_cpu_within_tolerance(codecs, image):
     res = {"max": int(d.max()), "mean": float(d.mean()), "p999": float(np.percentile(d, 99.9)),
            "psnr_between": psnr(outs["cpu"].astype(np.uint8), outs["cuda"].astype(np.uint8))}
     _report("perceptual_cuda_vs_cpu", res)
-    assert res["mean"] <= PERCEPTUAL_MEAN_TOL and res["p999"] <= PERCEPTUAL_P999_TOL, res
+    assert res["mean"] <= PERCEPTUAL_MEAN_TOL and res["max"] <= PERCEPTUAL_MAX_TOL, res
 
 
 def test_1080p_decode_times_on_cuda(codecs, image):
