@@ -616,7 +616,8 @@ def _plot(history: list[dict], path: Path):
         axes[0].plot(steps, [h.get(f"bpp@{k}") for h in history], label=f"level {k}")
         axes[1].plot(steps, [h.get(f"psnr@{k}") for h in history], label=f"level {k}")
     axes[2].plot(steps, [h["score"] for h in history])
-    for ax, title in zip(axes, ["bpp (Kodak, estimated)", "PSNR dB (Kodak)", "mean R-D cost"]):
+    score = "mean LPIPS" if any(k.startswith("lpips@") for k in history[-1]) else "mean R-D cost"
+    for ax, title in zip(axes, ["bpp (validation, estimated)", "PSNR dB (validation)", score]):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
