@@ -185,6 +185,18 @@ class Codec:
             return level, STEP_START * (STEP_COARSE / STEP_START) ** (q / REFINE_FROM)
         return level, None
 
+    def check_header(self, header: Header) -> float:
+        """Raise :class:`BdcError` unless these weights decode the file; returns its rate level.
+
+        Cheap (no model work), so a batch checks every file before decoding the first.
+        """
+        if header.weights_id != self.weights_id:
+            raise BdcError(
+                f"file was made with weights {header.weights_id}, but the loaded weights are "
+                f"{self.weights_id} ({self.weights_path}); pass the matching --weights"
+            )
+        return self.level_of(header)
+
     def level_of(self, header: Header) -> float:
         """The latent rate level a file was coded at (derived from the quality before version 3)."""
         top = self.model.cfg.levels - 1
@@ -356,12 +368,7 @@ class Codec:
     # -- decode -------------------------------------------------------------------------------
     def _decode(self, data, mode, steps, temperature, seed, max_pixels, progress) -> tuple[np.ndarray, Header]:
         header, streams = container.unpack(data, max_pixels=max_pixels)
-        if header.weights_id != self.weights_id:
-            raise BdcError(
-                f"file was made with weights {header.weights_id}, but the loaded weights are "
-                f"{self.weights_id} ({self.weights_path}); pass the matching --weights"
-            )
-        level = self.level_of(header)
+        level = self.check_header(header)
         mode = mode or header.mode
         if mode not in ("perceptual", "fidelity"):
             raise BdcError(f"unknown mode {mode!r}")
