@@ -396,12 +396,13 @@ class Codec:
             act = refine.block_activity(activity, header.height, header.width, 16)
             ref = refine.decode(streams.refine, header.height, header.width, act)
         t1 = time.perf_counter()
+        if mode == "perceptual":
+            progress.plan(steps)  # before the tiles, so that the bar's total is right from the start
         x_bar = self._synthesize(y_hat_g, level, header.height, header.width, progress)
         if mode == "perceptual":
             gen = torch.Generator().manual_seed(int(seed))
             y_hat = self.model.dequantize(y_hat_g, level).to(self.device)
             cond = {"texture": self.model.texture(y_hat), "x_bar": x_bar * 2 - 1}
-            progress.plan(steps)
 
             def denoiser(*args, **kwargs):  # one progress unit per diffusion step
                 out = self.model.denoiser(*args, **kwargs)
