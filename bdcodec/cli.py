@@ -205,9 +205,9 @@ def _run(ui: _Terminal, jobs, force: bool, check, load, verify, work, verbose: b
             msg = str(exc)
             ui.fail(msg if msg.startswith((_name(src), dst)) else f"{_name(src)}: {msg}")
         except Exception as exc:  # never a traceback for one bad file in a batch
-            from .imageio import _reason
+            from .imageio import error_reason
 
-            ui.fail(f"{_name(src)}: {type(exc).__name__}: {_reason(exc)}")
+            ui.fail(f"{_name(src)}: {type(exc).__name__}: {error_reason(exc)}")
         failed += 1
         return False, None
 

@@ -22,7 +22,7 @@ MAX_SIDE = 1 << 20  # the .bdc container's limit
 LOSSY_FORMATS = ("JPEG", "WEBP", "AVIF", "JXL", "HEIF")  # formats whose save() takes a quality
 
 
-def _reason(exc: Exception) -> str:
+def error_reason(exc: Exception) -> str:
     """The first line of an exception's message, without object reprs like ``<_io.BytesIO object at 0x..>``."""
     if isinstance(exc, UnidentifiedImageError):
         return "not an image format Pillow knows"
@@ -42,7 +42,7 @@ def probe_image(data: bytes | str | os.PathLike, name: str = "input", max_pixels
             with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
                 size = im.size
     except Exception as exc:
-        raise BdcError(f"{name}: cannot read image ({_reason(exc)})") from None
+        raise BdcError(f"{name}: cannot read image ({error_reason(exc)})") from None
     _check_size(*size, name, max_pixels)
     return size
 
@@ -73,7 +73,7 @@ def read_image(data: bytes, name: str = "input", max_pixels: int | None = None) 
     except BdcError:
         raise
     except Exception as exc:
-        raise BdcError(f"{name}: cannot read image ({_reason(exc)})") from None
+        raise BdcError(f"{name}: cannot read image ({error_reason(exc)})") from None
     mode = im.mode
     if mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -119,7 +119,7 @@ def write_image(pixels: np.ndarray, path: str, gray: bool = False, fmt: str | No
     try:
         im.save(buf, format=fmt, **options)
     except (KeyError, OSError, ValueError) as exc:
-        raise BdcError(f"cannot write {path} as {fmt}: {_reason(exc)}") from None
+        raise BdcError(f"cannot write {path} as {fmt}: {error_reason(exc)}") from None
     return buf.getvalue()
 
 
