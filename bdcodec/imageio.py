@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BdcError
 
-__all__ = ["read_image", "probe_image", "write_image", "output_format", "write_output", "atomic_write"]
+__all__ = ["read_image", "probe_image", "error_reason", "write_image", "output_format", "write_output", "atomic_write"]
 
 Image.MAX_IMAGE_PIXELS = None  # bdcodec applies its own --max-pixels limit
 MAX_SIDE = 1 << 20  # the .bdc container's limit
