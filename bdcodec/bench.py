@@ -106,8 +106,8 @@ class Metrics:
     def __call__(self, ref: np.ndarray, img: np.ndarray) -> dict:
         torch = self.torch
         out = {"psnr": psnr(ref, img)}
-        a = torch.from_numpy(ref).permute(2, 0, 1)[None].float() / 255
-        b = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+        a = torch.tensor(ref).permute(2, 0, 1)[None].float() / 255  # a copy: decoded arrays may be read-only
+        b = torch.tensor(img).permute(2, 0, 1)[None].float() / 255
         with torch.no_grad():
             if min(ref.shape[:2]) > 160:
                 out["msssim"] = float(self._ms_ssim(a, b, data_range=1.0))
@@ -263,7 +263,7 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
         try:
             from tqdm import tqdm
 
-            return tqdm(total=total, desc=desc, mininterval=2, leave=False)
+            return tqdm(total=total, desc=desc, mininterval=2, leave=False, disable=None)  # None: only on a terminal
         except ImportError:
             return None
 
@@ -442,13 +442,14 @@ def _fmt(v, spec):
 
 def _report(summary) -> str:
     lines = [f"bdcodec bench: {summary['images']} images from {summary['folder']}", ""]
-    lines.append("| codec | setting | bpp | PSNR | MS-SSIM | LPIPS | FID | KID |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    fid = any("fid" in p for pts in summary["curves"].values() for p in pts)  # FID/KID columns only with --fid
+    lines.append("| codec | setting | bpp | PSNR | MS-SSIM | LPIPS |" + (" FID | KID |" if fid else ""))
+    lines.append("|---|---|---|---|---|---|" + ("---|---|" if fid else ""))
     for name, pts in summary["curves"].items():
         for p in pts:
             lines.append(f"| {name} | {p['setting']:g} | {p['bpp']:.4f} | {p['psnr']:.2f} | "
-                         f"{_fmt(p.get('msssim'), '.4f')} | {_fmt(p.get('lpips'), '.4f')} | "
-                         f"{_fmt(p.get('fid'), '.1f')} | {_fmt(p.get('kid'), '.4f')} |")
+                         f"{_fmt(p.get('msssim'), '.4f')} | {_fmt(p.get('lpips'), '.4f')} |"
+                         + (f" {_fmt(p.get('fid'), '.1f')} | {_fmt(p.get('kid'), '.4f')} |" if fid else ""))
     lines += ["", "| bdcodec | against | BD-rate PSNR % | BD-rate MS-SSIM % | BD-LPIPS |", "|---|---|---|---|---|"]
     for r in summary["bd"]:
         lines.append(f"| {r['codec']} | {r['against']} | {_fmt(r.get('bd_rate_psnr'), '+.1f')} | "

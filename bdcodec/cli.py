@@ -3,14 +3,20 @@
 Conventions follow cwebp/cjxl/avifenc: ``IN OUT`` positional, ``-`` for the
 standard streams, ``-q`` 0..100 (default 75), statistics on stderr with ``-v``.
 Expected failures print one line ``bdcodec: error: ...`` and exit 1 (usage
-errors exit 2); outputs are written to a temporary file and renamed, so a
-failure never leaves a partial file.  torch and compressai are imported only by
-the commands that need them, so ``--help`` and ``info`` start instantly.
+errors exit 2).  Nothing is ever lost: an existing output file is not replaced
+without ``-f`` (as with zstd), FIFOs and devices are written in place, and new
+files are written to a temporary file and renamed, so a failure never leaves a
+partial file.  Every check that can fail runs for every file before the model
+does any work.  torch and compressai are imported only by the commands that need
+them, so ``--help`` and ``info`` start instantly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -20,10 +26,50 @@ import click
 from .errors import BdcError
 
 DEFAULT_MAX_PIXELS = 200_000_000
+PROGRESS_DELAY = 1.0  # seconds a piece of work runs before its progress bar appears
 
 
 def _fail(msg: str) -> None:
     click.echo(f"bdcodec: error: {msg}", err=True)
+
+
+def _stderr_is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+class _Terminal:
+    """Messages and progress bars on stderr; bars only on a terminal and never with --quiet."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bars = not quiet and _stderr_is_tty()
+
+    def echo(self, msg: str) -> None:
+        if self.bars:  # printed above the bars, not through them
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+        else:
+            click.echo(msg, err=True)
+
+    def fail(self, msg: str) -> None:
+        self.echo(f"bdcodec: error: {msg}")
+
+    def warn(self, msg: str) -> None:
+        if not self.quiet:
+            self.echo(f"bdcodec: warning: {msg}")
+
+    def bar(self, **kwargs):
+        """A tqdm bar that shows once the work has run PROGRESS_DELAY seconds, or a null context."""
+        if not self.bars:
+            return contextlib.nullcontext()
+        from tqdm import tqdm
+
+        return tqdm(file=sys.stderr, delay=PROGRESS_DELAY, leave=False, **kwargs)
+
+
+def _name(path: str) -> str:
+    return "stdin" if path == "-" else path
 
 
 def _read_input(path: str) -> bytes:
@@ -40,18 +86,74 @@ def _read_input(path: str) -> bytes:
         raise BdcError(f"{path}: cannot read ({exc.strerror})") from None
 
 
-def _write_output(path: str, data: bytes, inputs: list[str]) -> None:
-    from .imageio import atomic_write
+def _source(path: str) -> bytes | None:
+    """Check that an input can be read; read it now if it can be read only once (stdin, a FIFO)."""
+    if path == "-":
+        return _read_input(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BdcError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise BdcError(f"{path}: cannot read ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BdcError(f"{path}: is a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        return _read_input(path)
+    if not os.access(path, os.R_OK):
+        raise BdcError(f"{path}: cannot read (permission denied)")
+    return None
+
+
+def _check_output(dst: str, inputs: set, taken: set, force: bool) -> None:
+    """Raise BdcError when ``dst`` may not be written; run for every file before any work.
+
+    The rule: an existing regular file is never replaced without -f; an existing FIFO
+    or device is written in place; binary data goes to a terminal only with -f.
+    """
+    if dst == "-":
+        if not force and sys.stdout.isatty():
+            raise BdcError("refusing to write binary data to a terminal (redirect it, or use -f)")
+        return
+    try:
+        st = os.stat(dst)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise BdcError(f"{dst}: cannot check the output ({exc.strerror})") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise BdcError(f"{dst}: is a folder")
+        if (st.st_dev, st.st_ino) in inputs:
+            raise BdcError(f"{dst}: output would overwrite an input")
+        if stat.S_ISREG(st.st_mode) and not force:
+            raise BdcError(f"{dst}: already exists, left as it is (use -f to replace it)")
+    key = os.path.realpath(dst)
+    if key in taken:
+        raise BdcError(f"{dst}: is already the output of another input")
+    taken.add(key)
+    if st is None or stat.S_ISREG(st.st_mode):
+        folder = Path(dst).parent
+        if not folder.is_dir():
+            raise BdcError(f"{dst}: output folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise BdcError(f"{dst}: output folder {folder} is not writable")
+
+
+def _write_output(path: str, data: bytes, force: bool) -> None:
+    from .imageio import write_output
 
     if path == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        try:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:  # the reader left (`| head`): end quietly, as if by SIGPIPE
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
         return
-    out = Path(path).resolve()
-    if any(i != "-" and Path(i).resolve() == out for i in inputs):
-        raise BdcError(f"{path}: output would overwrite an input")
     try:
-        atomic_write(path, data)
+        write_output(path, data, replace=force)
     except OSError as exc:
         raise BdcError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
@@ -63,21 +165,27 @@ def _jobs(args: tuple[str, ...], output_dir: str | None, suffix: str) -> list[tu
         return [(args[0], args[1])]
     if not args:
         raise click.UsageError("no input files")
+    if "-" in args:
+        raise click.UsageError("'-' (stdin) cannot be used with -o DIR")
     try:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise click.UsageError(f"-o {output_dir}: cannot create folder ({exc.strerror})") from None
-    if "-" in args:
-        raise click.UsageError("'-' (stdin) cannot be used with -o DIR")
     return [(a, str(Path(output_dir) / (Path(a).stem + suffix))) for a in args]
 
 
-def _run_batch(jobs, work, verbose: bool) -> None:
-    """Run ``work(src, dst)`` for each job; report failures one per line, exit 1 if any.
+def _run(ui: _Terminal, jobs, force: bool, check, load, verify, work, verbose: bool) -> None:
+    """Check every file, load the model, then code the files that passed.
 
-    Ctrl-C ends the batch with exit status 130. The flag set by the handler is
-    also checked after each file, so an interrupt that Python swallows (one that
-    lands in a finalizer prints "Exception ignored" and goes on) still stops it.
+    ``check(src, dst)`` inspects an input (raising BdcError) and returns what
+    ``work`` needs; outputs are checked here.  ``load()`` returns the codec, or is
+    not called when no file passed; ``verify(codec, src, prepared)`` runs the checks
+    that need it (weights id) for every file before the first is coded;
+    ``work(codec, src, dst, prepared, bar)`` codes one file and returns its -v line.
+    Each failure is reported on its own line and the other files are still done;
+    exit 1 if any failed.  Ctrl-C ends the batch with exit status 130: the flag set
+    by the handler is also checked after each file, so an interrupt that Python
+    swallows (one that lands in a finalizer) still stops it.
     """
     interrupted = False
 
@@ -86,49 +194,79 @@ def _run_batch(jobs, work, verbose: bool) -> None:
         interrupted = True
         raise KeyboardInterrupt
 
+    def attempt(src, dst, fn, *args):
+        nonlocal failed
+        try:
+            result = fn(*args)
+            if interrupted:
+                raise KeyboardInterrupt
+            return True, result
+        except BdcError as exc:
+            msg = str(exc)
+            ui.fail(msg if msg.startswith((_name(src), dst)) else f"{_name(src)}: {msg}")
+        except Exception as exc:  # never a traceback for one bad file in a batch
+            from .imageio import error_reason
+
+            ui.fail(f"{_name(src)}: {type(exc).__name__}: {error_reason(exc)}")
+        failed += 1
+        return False, None
+
     try:
         previous = signal.signal(signal.SIGINT, on_sigint)
     except ValueError:  # not the main thread: keep Python's default handler
         previous = None
     failed = 0
+    inputs = set()
+    for src, _ in jobs:
+        with contextlib.suppress(OSError):
+            st = os.stat(src) if src != "-" else None
+            if st is not None:
+                inputs.add((st.st_dev, st.st_ino))
+    taken: set = set()
+
+    def check_both(src, dst):
+        prepared = check(src, dst)
+        _check_output(dst, inputs, taken, force)
+        return prepared
+
     try:
+        ready = []
         for src, dst in jobs:
-            try:
+            ok, prepared = attempt(src, dst, check_both, src, dst)
+            if ok:
+                ready.append((src, dst, prepared))
+        if ready:
+            codec = load()
+            ready = [job for job in ready if attempt(job[0], job[1], verify, codec, job[0], job[2])[0]]
+        with ui.bar(total=len(ready), unit="file") if len(ready) > 1 else contextlib.nullcontext() as files:
+            for src, dst, prepared in ready:
                 t0 = time.perf_counter()
-                line = work(src, dst)
-                if verbose:
-                    click.echo(f"{src}: {line}, {time.perf_counter() - t0:.2f} s", err=True)
-                if interrupted:
-                    raise KeyboardInterrupt
-            except BdcError as exc:
-                failed += 1
-                _fail(str(exc))
-            except KeyboardInterrupt:
-                _fail("interrupted")
-                sys.exit(130)
-            except Exception as exc:  # never a traceback for one bad file in a batch
-                failed += 1
-                _fail(f"{src}: {type(exc).__name__}: {exc}")
+                with ui.bar(desc=Path(src).name, unit="step") as bar:
+                    ok, line = attempt(src, dst, work, codec, src, dst, prepared, bar)
+                if ok and verbose:
+                    ui.echo(f"{_name(src)}: {line}, {time.perf_counter() - t0:.2f} s")
+                if files is not None:
+                    files.update(1)
+    except KeyboardInterrupt:
+        ui.fail("interrupted")
+        sys.exit(130)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     if failed:
         if len(jobs) > 1:
-            _fail(f"{failed} of {len(jobs)} files failed")
+            ui.fail(f"{failed} of {len(jobs)} files failed")
         sys.exit(1)
 
 
-def _codec(weights, device):
+def _codec(ui: _Terminal, weights, device):
     """Load the model once for the whole batch; a failure ends the command with exit 1."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit notices from compressai's import
     from .codec import Codec
 
     try:
         return Codec(weights, device)
     except BdcError as exc:
-        _fail(str(exc))
+        ui.fail(str(exc))
         sys.exit(1)
 
 
@@ -140,8 +278,15 @@ _common = [
                  help="Refuse images larger than this."),
     click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
                  help="Write one output per input into this folder (batch mode)."),
+    click.option("-f", "--force", is_flag=True,
+                 help="Replace existing output files, and write binary data to a terminal."),
     click.option("-v", "--verbose", is_flag=True, help="One line per file: bytes, bpp, seconds."),
+    click.option("--quiet", is_flag=True, help="No progress bars and no warnings (errors are still printed)."),
 ]
+
+_OUTPUT_RULE = ("An existing output file is never replaced unless -f is given (FIFOs and devices such as "
+                "/dev/null are written to).  Every input and output is checked before any file is coded; "
+                "in a batch a bad file is reported and skipped, the others are done, and the exit status is 1.")
 
 
 def common(f):
@@ -162,64 +307,98 @@ def main():
       bdcodec encode *.png -o out/        (batch)
       bdcodec info photo.bdc
       bdcodec bench DIR --out bench-out
+
+    Existing output files are never replaced without -f.
     """
 
 
-@main.command()
+@main.command(epilog=_OUTPUT_RULE)
 @click.argument("paths", nargs=-1, required=True)
 @click.option("-q", "--quality", type=click.FloatRange(0, 100), default=75.0, show_default=True,
               help="Quality 0..100 (half steps); higher is more bits (on photos, perceptual tuning: "
                    "0 ~ 0.17 bpp, 50 ~ 0.32 bpp, 75 ~ 0.9 bpp, 100 ~ 3 bpp).")
 @click.option("--target-bpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Search the highest quality whose file stays within this many bits per pixel.")
+              help="Search the highest quality whose file stays within this many bits per pixel "
+                   "(instead of -q); if even quality 0 is larger, writes that file with a warning.")
 @click.option("--tune", type=click.Choice(["perceptual", "fidelity"]), default="perceptual", show_default=True,
               help="The decode mode the file is made for: sets how bits are split between the latent and "
                    "the refinement layer, and the file's default decode mode.")
 @common
-def encode(paths, quality, target_bpp, tune, weights, device, max_pixels, output_dir, verbose):
+def encode(paths, quality, target_bpp, tune, weights, device, max_pixels, output_dir, force, verbose, quiet):
     """Encode images: IN OUT, or IN... -o DIR ('-' is stdin/stdout)."""
+    ctx = click.get_current_context()
+    if target_bpp is not None and ctx.get_parameter_source("quality") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("give -q or --target-bpp, not both")
     jobs = _jobs(paths, output_dir, ".bdc")
-    codec = _codec(weights, device)
-    from .imageio import read_image
+    ui = _Terminal(quiet)
+    from .imageio import probe_image, read_image
 
-    def work(src, dst):
-        pixels, gray, notes = read_image(_read_input(src), src, max_pixels)
+    def check(src, dst):
+        data = _source(src)
+        probe_image(src if data is None else data, _name(src), max_pixels)
+        return data
+
+    def work(codec, src, dst, data, bar):
+        pixels, gray, notes = read_image(_read_input(src) if data is None else data, _name(src), max_pixels)
         for note in notes:
-            click.echo(f"bdcodec: warning: {note}", err=True)
-        data = codec.encode(pixels, quality=quality, target_bpp=target_bpp, gray=gray, mode=tune)
-        _write_output(dst, data, [src])
-        bpp = 8 * len(data) / (pixels.shape[0] * pixels.shape[1])
-        return f"{len(data)} bytes, {bpp:.4f} bpp"
+            ui.warn(note)
+        out = codec.encode(pixels, quality=quality, target_bpp=target_bpp, gray=gray, mode=tune, progress=bar)
+        bpp = 8 * len(out) / (pixels.shape[0] * pixels.shape[1])
+        if target_bpp is not None and bpp > target_bpp:
+            ui.warn(f"{_name(src)}: --target-bpp {target_bpp:g} cannot be met; wrote the smallest file "
+                    f"(quality 0, {bpp:.4f} bpp)")
+        _write_output(dst, out, force)
+        return f"{len(out)} bytes, {bpp:.4f} bpp"
 
-    _run_batch(jobs, work, verbose)
+    _run(ui, jobs, force, check, lambda: _codec(ui, weights, device), lambda *a: None, work, verbose)
 
 
-@main.command()
+@main.command(epilog=_OUTPUT_RULE)
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--mode", type=click.Choice(["perceptual", "fidelity"]), default=None,
-              help="perceptual: diffusion decoder (default); fidelity: fast, PSNR-oriented.")
+              help="perceptual: the diffusion decoder; fidelity: fast, PSNR-oriented.  "
+                   "Default: the mode stored in the file (perceptual, unless it was encoded with --tune fidelity).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Diffusion steps (default from the file: 8).")
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.5, show_default=True,
               help="Noise scale of the diffusion sampler; 0 is deterministic and smoothest.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed (default from the file).")
+@click.option("--out-quality", type=click.IntRange(1, 100), default=None,
+              help="Quality of a lossy OUT format (.jpg, .webp, .avif), 1..100 "
+                   "(default: Pillow's, 75 for JPEG and 80 for WebP).")
 @common
-def decode(paths, mode, steps, temperature, seed, weights, device, max_pixels, output_dir, verbose):
+def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, max_pixels, output_dir, force,
+           verbose, quiet):
     """Decode .bdc files to PNG (or the format of OUT's suffix): IN OUT, or IN... -o DIR."""
     jobs = _jobs(paths, output_dir, ".png")
-    codec = _codec(weights, device)
-    from .imageio import write_image
+    ui = _Terminal(quiet)
+    from .container import unpack
+    from .imageio import LOSSY_FORMATS, output_format, write_image
 
-    def work(src, dst):
-        data = _read_input(src)
-        try:
-            pixels, header = codec.decode(data, mode=mode, steps=steps, temperature=temperature, seed=seed,
-                                          max_pixels=max_pixels)
-        except BdcError as exc:
-            raise BdcError(f"{src}: {exc}") from None
-        _write_output(dst, write_image(pixels, dst if dst != "-" else "out.png", header.gray), [src])
+    if out_quality is not None:
+        formats = set()
+        for _, dst in jobs:
+            with contextlib.suppress(BdcError):
+                formats.add(output_format(dst))
+        if not formats & set(LOSSY_FORMATS):
+            ui.warn("--out-quality applies to lossy outputs only (.jpg, .webp, .avif)")
+
+    def check(src, dst):
+        data = _source(src)
+        header, _ = unpack(_read_input(src) if data is None else data, max_pixels=max_pixels)
+        output_format(dst)
+        return data, header
+
+    def verify(codec, src, prepared):
+        codec.check_header(prepared[1])
+
+    def work(codec, src, dst, prepared, bar):
+        data = _read_input(src) if prepared[0] is None else prepared[0]
+        pixels, header = codec.decode(data, mode=mode, steps=steps, temperature=temperature, seed=seed,
+                                      max_pixels=max_pixels, progress=bar)
+        _write_output(dst, write_image(pixels, dst, header.gray, quality=out_quality), force)
         return f"{len(data)} bytes, {8 * len(data) / (header.width * header.height):.4f} bpp"
 
-    _run_batch(jobs, work, verbose)
+    _run(ui, jobs, force, check, lambda: _codec(ui, weights, device), verify, work, verbose)
 
 
 @main.command()

@@ -58,6 +58,13 @@ STEP_START = 160.0
 STEP_COARSE = 96.0
 STEP_FINE = 4.0
 _V2_SHARE = 0.6  # the single plan of version-2 files
+# Images with fewer pixels than one latent position (16 x 16) are mostly padding to the
+# latent, which renders them poorly (a 1x1 (200, 30, 40) came back as (185, 64, 51)).
+# The encoder tops them up with a refinement layer of step TINY_STEP at every quality,
+# padding partial DCT blocks by repetition so that a lone pixel costs one coefficient:
+# near-lossless for some 60 to 200 bytes.
+TINY_PIXELS = 16 * 16
+TINY_STEP = 2.0
 PAD = 64
 TILE = 1024  # pixels per tile side for g_a / g_s on large images
 MARGIN = 128  # overlap in pixels around each tile
@@ -86,16 +93,40 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _tiled(fn, x: torch.Tensor, scale: float, tile: int, margin: int) -> torch.Tensor:
+class _Progress:
+    """Counts units of work (tiles, diffusion steps) into a tqdm-like ``bar``, or nowhere.
+
+    ``bar`` needs a settable ``total`` and ``update(n)``; totals grow as work is planned.
+    """
+
+    def __init__(self, bar=None):
+        self.bar = bar
+
+    def plan(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.total = (self.bar.total or 0) + n
+
+    def __call__(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def _tiled(fn, x: torch.Tensor, scale: float, tile: int, margin: int, progress: _Progress | None = None
+           ) -> torch.Tensor:
     """Apply a convolutional ``fn`` to overlapping tiles of ``x`` and stitch the centres.
 
     ``scale`` is the output/input size ratio (1/16 for g_a, 16 for g_s); ``tile`` and
     ``margin`` are in input pixels and must map to whole output pixels.  Peak memory
-    then depends on the tile, not the image.
+    then depends on the tile, not the image.  ``progress`` counts one unit per tile.
     """
+    progress = progress or _Progress()
     _, _, h, w = x.shape
     if h <= tile + 2 * margin and w <= tile + 2 * margin:
-        return fn(x)
+        progress.plan(1)
+        out = fn(x)
+        progress()
+        return out
+    progress.plan(math.ceil(h / tile) * math.ceil(w / tile))
     out = None
     for i0 in range(0, h, tile):
         for j0 in range(0, w, tile):
@@ -110,6 +141,7 @@ def _tiled(fn, x: torch.Tensor, scale: float, tile: int, margin: int) -> torch.T
             out[:, :, round(i0 * scale) : round(i0 * scale) + hh, round(j0 * scale) : round(j0 * scale) + ww] = (
                 part[:, :, ri : ri + hh, rj : rj + ww]
             )
+            progress()
     return out
 
 
@@ -152,6 +184,18 @@ class Codec:
         if mode == "fidelity" and q > 0:
             return level, STEP_START * (STEP_COARSE / STEP_START) ** (q / REFINE_FROM)
         return level, None
+
+    def check_header(self, header: Header) -> float:
+        """Raise :class:`BdcError` unless these weights decode the file; returns its rate level.
+
+        Cheap (no model work), so a batch checks every file before decoding the first.
+        """
+        if header.weights_id != self.weights_id:
+            raise BdcError(
+                f"file was made with weights {header.weights_id}, but the loaded weights are "
+                f"{self.weights_id} ({self.weights_path}); pass the matching --weights"
+            )
+        return self.level_of(header)
 
     def level_of(self, header: Header) -> float:
         """The latent rate level a file was coded at (derived from the quality before version 3)."""
@@ -197,10 +241,11 @@ class Codec:
             offset += c
         return torch.cat(y_hats, 1), activity
 
-    def _synthesize(self, y_hat_g: torch.Tensor, level: float, height: int, width: int) -> torch.Tensor:
+    def _synthesize(self, y_hat_g: torch.Tensor, level: float, height: int, width: int,
+                    progress: _Progress | None = None) -> torch.Tensor:
         """Fidelity reconstruction x_bar (1, 3, H_pad, W_pad) in 0..1 on the device."""
         y_hat = self.model.dequantize(y_hat_g, level).to(self.device)
-        return _tiled(self.model.g_s, y_hat, 16, TILE // 16, MARGIN // 16).clamp(0, 1)
+        return _tiled(self.model.g_s, y_hat, 16, TILE // 16, MARGIN // 16, progress).clamp(0, 1)
 
     @staticmethod
     def _to_uint8(x: torch.Tensor, height: int, width: int) -> np.ndarray:
@@ -209,47 +254,57 @@ class Codec:
 
     # -- encode -------------------------------------------------------------------------------
     def encode(self, pixels: np.ndarray, quality: float = DEFAULT_QUALITY, target_bpp: float | None = None,
-               gray: bool = False, mode: str = "perceptual", steps: int = DEFAULT_STEPS, seed: int = 0) -> bytes:
+               gray: bool = False, mode: str = "perceptual", steps: int = DEFAULT_STEPS, seed: int = 0,
+               progress=None) -> bytes:
         """Encode uint8 (H, W, 3) pixels; ``target_bpp`` searches the quality that meets it.
 
         ``mode`` is the decode mode the file is made for: it picks the quality plan
-        (see ``plan``) and is stored as the file's default decode mode.
+        (see ``plan``) and is stored as the file's default decode mode.  ``progress``,
+        a tqdm-like bar, counts the tiles of the transforms.
         """
         if mode not in ("perceptual", "fidelity"):
             raise BdcError(f"unknown mode {mode!r}")
         with torch.no_grad(), _one_thread():
-            return self._encode(pixels, quality, target_bpp, gray, mode, steps, seed)
+            return self._encode(pixels, quality, target_bpp, gray, mode, steps, seed, _Progress(progress))
 
     def decode(self, data: bytes, mode: str | None = None, steps: int | None = None,
                temperature: float = DEFAULT_TEMPERATURE, seed: int | None = None,
-               max_pixels: int | None = None) -> tuple[np.ndarray, Header]:
-        """Decode ``.bdc`` bytes; returns (uint8 (H, W, 3) pixels, header)."""
-        with torch.no_grad(), _one_thread():
-            return self._decode(data, mode, steps, temperature, seed, max_pixels)
+               max_pixels: int | None = None, progress=None) -> tuple[np.ndarray, Header]:
+        """Decode ``.bdc`` bytes; returns (uint8 (H, W, 3) pixels, header).
 
-    def _encode(self, pixels, quality, target_bpp, gray, mode, steps, seed) -> bytes:
+        ``progress``, a tqdm-like bar, counts the tiles of g_s and the diffusion steps.
+        """
+        with torch.no_grad(), _one_thread():
+            return self._decode(data, mode, steps, temperature, seed, max_pixels, _Progress(progress))
+
+    def _encode(self, pixels, quality, target_bpp, gray, mode, steps, seed, progress) -> bytes:
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
             raise BdcError("encode expects uint8 pixels of shape (H, W, 3)")
         hgt, wid = pixels.shape[:2]
         if not (1 <= wid <= container.MAX_SIDE and 1 <= hgt <= container.MAX_SIDE):
             raise BdcError(f"image size {wid}x{hgt} out of range")
         t0 = time.perf_counter()
-        y0 = self._analyse(self._tensor(pixels))
+        y0 = self._analyse(self._tensor(pixels), progress)
         self.timings = {"analysis": time.perf_counter() - t0}
 
         latents: dict[float, tuple] = {}  # level -> (streams, y_hat_g, activity)
         recons: dict[float, np.ndarray] = {}  # level -> fidelity reconstruction, as decoded
 
+        tiny = hgt * wid < TINY_PIXELS
+
         def at(q: float) -> bytes:
             level, step = self.plan(q, mode)
+            if tiny:
+                step = min(step or TINY_STEP, TINY_STEP)
             if level not in latents:
                 gain, _ = self.model.gains(level)
                 latents[level] = self._encode_latent(y0 * gain)
             streams, y_hat_g, activity = latents[level]
             if step is not None:
                 if level not in recons:
-                    recons[level] = self._to_uint8(self._synthesize(y_hat_g, level, hgt, wid), hgt, wid)
-                streams = dataclasses.replace(streams, refine=self._refine(pixels, recons[level], activity, step))
+                    recons[level] = self._to_uint8(self._synthesize(y_hat_g, level, hgt, wid, progress), hgt, wid)
+                refined = self._refine(pixels, recons[level], activity, step, edge=tiny)
+                streams = dataclasses.replace(streams, refine=refined)
             header = Header(wid, hgt, q, self.weights_id, gray, mode, steps, seed, level=level)
             return container.pack(header, streams)
 
@@ -273,9 +328,9 @@ class Codec:
                 hi = mid - 1
         return best
 
-    def _analyse(self, x: torch.Tensor) -> torch.Tensor:
+    def _analyse(self, x: torch.Tensor, progress: _Progress | None = None) -> torch.Tensor:
         """The latent y (ungained, fp32 on the CPU) of a padded (1, 3, H, W) image in 0..1."""
-        return _tiled(self.model.g_a, x.to(self.device), 1 / 16, TILE, MARGIN).float().cpu()
+        return _tiled(self.model.g_a, x.to(self.device), 1 / 16, TILE, MARGIN, progress).float().cpu()
 
     def latent_bytes(self, x: torch.Tensor, level: float) -> int:
         """Bytes of the z, escape and y streams for a (1, 3, H, W) image in 0..1 at a rate level."""
@@ -284,13 +339,14 @@ class Codec:
             streams, _, _ = self._encode_latent(y * self.model.gains(level)[0])
         return len(streams.z) + len(streams.escapes) + len(streams.y)
 
-    def _refine(self, pixels: np.ndarray, x_bar: np.ndarray, activity: np.ndarray, step: float) -> bytes:
+    def _refine(self, pixels: np.ndarray, x_bar: np.ndarray, activity: np.ndarray, step: float,
+                edge: bool = False) -> bytes:
         """The refinement payload for ``pixels`` over ``x_bar``, or b"" when it would be empty."""
         t0 = time.perf_counter()
         hgt, wid = pixels.shape[:2]
         residual = pixels.astype(np.float64) - x_bar
         act = refine.block_activity(activity, hgt, wid, 16)
-        payload, ref = refine.encode(residual, step, act)
+        payload, ref = refine.encode(residual, step, act, edge=edge)
         self.timings["refine"] = self.timings.get("refine", 0.0) + time.perf_counter() - t0
         return payload if ref.q.any() else b""
 
@@ -310,14 +366,9 @@ class Codec:
         return Streams(z_strings[0], escapes, y_stream, crc), y_hat_g, activity
 
     # -- decode -------------------------------------------------------------------------------
-    def _decode(self, data, mode, steps, temperature, seed, max_pixels) -> tuple[np.ndarray, Header]:
+    def _decode(self, data, mode, steps, temperature, seed, max_pixels, progress) -> tuple[np.ndarray, Header]:
         header, streams = container.unpack(data, max_pixels=max_pixels)
-        if header.weights_id != self.weights_id:
-            raise BdcError(
-                f"file was made with weights {header.weights_id}, but the loaded weights are "
-                f"{self.weights_id} ({self.weights_path}); pass the matching --weights"
-            )
-        level = self.level_of(header)
+        level = self.check_header(header)
         mode = mode or header.mode
         if mode not in ("perceptual", "fidelity"):
             raise BdcError(f"unknown mode {mode!r}")
@@ -345,12 +396,20 @@ class Codec:
             act = refine.block_activity(activity, header.height, header.width, 16)
             ref = refine.decode(streams.refine, header.height, header.width, act)
         t1 = time.perf_counter()
-        x_bar = self._synthesize(y_hat_g, level, header.height, header.width)
+        if mode == "perceptual":
+            progress.plan(steps)  # before the tiles, so that the bar's total is right from the start
+        x_bar = self._synthesize(y_hat_g, level, header.height, header.width, progress)
         if mode == "perceptual":
             gen = torch.Generator().manual_seed(int(seed))
             y_hat = self.model.dequantize(y_hat_g, level).to(self.device)
             cond = {"texture": self.model.texture(y_hat), "x_bar": x_bar * 2 - 1}
-            x0 = self.schedule.sample(self.model.denoiser, cond, cond["x_bar"], steps, temperature, gen)
+
+            def denoiser(*args, **kwargs):  # one progress unit per diffusion step
+                out = self.model.denoiser(*args, **kwargs)
+                progress()
+                return out
+
+            x0 = self.schedule.sample(denoiser, cond, cond["x_bar"], steps, temperature, gen)
             out = (x0 + 1) / 2
         else:
             out = x_bar

@@ -1,21 +1,57 @@
-"""Reading any image Pillow opens as 8-bit RGB, and writing results atomically."""
+"""Reading any image Pillow opens as 8-bit RGB, and writing results without losing a file."""
 
 from __future__ import annotations
 
 import io
 import os
+import re
+import stat
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BdcError
 
-__all__ = ["read_image", "write_image", "atomic_write"]
+__all__ = ["read_image", "probe_image", "error_reason", "write_image", "output_format", "write_output", "atomic_write"]
 
 Image.MAX_IMAGE_PIXELS = None  # bdcodec applies its own --max-pixels limit
+MAX_SIDE = 1 << 20  # the .bdc container's limit
+LOSSY_FORMATS = ("JPEG", "WEBP", "AVIF", "JXL", "HEIF")  # formats whose save() takes a quality
+
+
+def error_reason(exc: Exception) -> str:
+    """The first line of an exception's message, without object reprs like ``<_io.BytesIO object at 0x..>``."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format Pillow knows"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text)
+
+
+def probe_image(data: bytes | str | os.PathLike, name: str = "input", max_pixels: int | None = None
+                ) -> tuple[int, int]:
+    """(width, height) from an image's header, raising :class:`BdcError` when it cannot be coded.
+
+    Reads only the header: cheap enough to check every input of a batch before any work.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+                size = im.size
+    except Exception as exc:
+        raise BdcError(f"{name}: cannot read image ({error_reason(exc)})") from None
+    _check_size(*size, name, max_pixels)
+    return size
+
+
+def _check_size(width: int, height: int, name: str, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise BdcError(f"{name}: {width}x{height} is above the limit of {max_pixels} pixels")
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise BdcError(f"{name}: {width}x{height} is beyond the largest side of {MAX_SIDE} pixels")
 
 
 def read_image(data: bytes, name: str = "input", max_pixels: int | None = None) -> tuple[np.ndarray, bool, list[str]]:
@@ -31,15 +67,13 @@ def read_image(data: bytes, name: str = "input", max_pixels: int | None = None) 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             im = Image.open(io.BytesIO(data))
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise BdcError(f"{name}: {im.width}x{im.height} is above the limit of {max_pixels} pixels")
+            _check_size(im.width, im.height, name, max_pixels)
             im.load()
             im = ImageOps.exif_transpose(im)
     except BdcError:
         raise
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BdcError(f"{name}: cannot read image ({reason})") from None
+        raise BdcError(f"{name}: cannot read image ({error_reason(exc)})") from None
     mode = im.mode
     if mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -59,36 +93,91 @@ def read_image(data: bytes, name: str = "input", max_pixels: int | None = None) 
     return np.array(im, dtype=np.uint8), gray, notes
 
 
-def write_image(pixels: np.ndarray, path: str, gray: bool = False, fmt: str | None = None) -> bytes:
-    """Encode pixels to bytes in the format of ``path``'s suffix (PNG by default)."""
+def output_format(path: str) -> str:
+    """The Pillow format an output path asks for by its suffix (PNG for '-' or an unknown suffix)."""
+    Image.init()
+    ext = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(ext, "PNG") if ext and path != "-" else "PNG"
+    if fmt not in Image.SAVE:
+        raise BdcError(f"{path}: Pillow cannot write {fmt} images (use .png, .jpg, .webp, ...)")
+    return fmt
+
+
+def write_image(pixels: np.ndarray, path: str, gray: bool = False, fmt: str | None = None,
+                quality: int | None = None) -> bytes:
+    """Encode pixels to bytes in the format of ``path``'s suffix (PNG by default).
+
+    ``quality`` (1..100) applies to the lossy formats (JPEG, WebP, AVIF, ...); None keeps
+    Pillow's default for the format.
+    """
     im = Image.fromarray(pixels, "RGB")
     if gray:
         im = im.convert("L")
-    ext = Path(path).suffix.lower().lstrip(".")
-    if fmt is None:
-        fmt = Image.registered_extensions().get(f".{ext}", "PNG") if ext else "PNG"
+    fmt = fmt or output_format(path)
+    options = {"quality": int(quality)} if quality is not None and fmt in LOSSY_FORMATS else {}
     buf = io.BytesIO()
     try:
-        im.save(buf, format=fmt)
+        im.save(buf, format=fmt, **options)
     except (KeyError, OSError, ValueError) as exc:
-        raise BdcError(f"cannot write {path} as {fmt}: {exc}") from None
+        raise BdcError(f"cannot write {path} as {fmt}: {error_reason(exc)}") from None
     return buf.getvalue()
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+def _file_mode() -> int:
+    """0666 less the umask: the mode ``open()`` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_output(path: str | os.PathLike, data: bytes, replace: bool = False) -> None:
+    """Write ``data`` to ``path`` without ever leaving a partial file or replacing one by surprise.
+
+    A regular file is written to a temporary file beside ``path`` (mode 0666 less the
+    umask) and moved into place: with ``replace`` over any existing file, else only
+    where none exists (checked atomically by a hard link where the file system has
+    them).  An existing path that is not a regular file (a FIFO, a device such as
+    /dev/null) is written in place: replacing it would destroy the node.
+    """
     path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise BdcError(f"{path}: is a folder")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with open(path, "wb") as f:
+            f.write(data)
+        return
+    if st is not None and not replace:
+        raise BdcError(f"{path}: already exists (use -f to replace it)")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise BdcError(f"output folder does not exist: {folder}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _file_mode())
             f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # fails if path appeared meanwhile; rename would replace it
+        except FileExistsError:
+            raise BdcError(f"{path}: already exists (use -f to replace it)") from None
+        except OSError:  # no hard links on this file system
+            if path.exists():
+                raise BdcError(f"{path}: already exists (use -f to replace it)") from None
+            os.replace(tmp, path)
+    finally:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, replacing a regular file (see ``write_output``)."""
+    write_output(path, data, replace=True)

@@ -21,18 +21,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from compressai.layers import (
-    ResidualBlock,
-    ResidualBlockUpsample,
-    ResidualBlockWithStride,
-    conv3x3,
-    subpel_conv3x3,
-)
+
+with warnings.catch_warnings():  # compressai's import runs torch.jit.script (via torch_geometric), now deprecated
+    warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning)
+    from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+    from compressai.layers import (
+        ResidualBlock,
+        ResidualBlockUpsample,
+        ResidualBlockWithStride,
+        conv3x3,
+        subpel_conv3x3,
+    )
 
 from .diffusion import Denoiser
 from .entropy import SCALE_TABLE, LaplacianEntropyModel

@@ -98,12 +98,16 @@ def _grid(height: int, width: int) -> tuple[int, int]:
     return -(-height // BLOCK), -(-width // BLOCK)
 
 
-def _forward(residual: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB residual -> (3, blocks, 64) DCT coefficients of its YCbCr."""
+def _forward(residual: np.ndarray, edge: bool = False) -> np.ndarray:
+    """(H, W, 3) RGB residual -> (3, blocks, 64) DCT coefficients of its YCbCr.
+
+    Partial blocks are padded with zeros, or with ``edge`` by repeating the last row
+    and column (the decoder crops the padding away, so this is the encoder's choice).
+    """
     h, w, _ = residual.shape
     by, bx = _grid(h, w)
-    pad = np.zeros((by * BLOCK, bx * BLOCK, 3))
-    pad[:h, :w] = residual @ _YCC.T
+    pad = np.pad(residual @ _YCC.T, ((0, by * BLOCK - h), (0, bx * BLOCK - w), (0, 0)),
+                 mode="edge" if edge else "constant")
     blocks = pad.reshape(by, BLOCK, bx, BLOCK, 3).transpose(4, 0, 2, 1, 3)
     return (_DCT @ blocks @ _DCT.T).reshape(3, by * bx, BLOCK * BLOCK)
 
@@ -178,17 +182,19 @@ def _steps(step16: int, chroma16: int) -> np.ndarray:
     return np.array([step, step * chroma16 / 16, step * chroma16 / 16])
 
 
-def encode(residual: np.ndarray, step: float, activity: np.ndarray, chroma: float = DEFAULT_CHROMA
-           ) -> tuple[bytes, Refinement]:
+def encode(residual: np.ndarray, step: float, activity: np.ndarray, chroma: float = DEFAULT_CHROMA,
+           edge: bool = False) -> tuple[bytes, Refinement]:
     """Code an (H, W, 3) residual in 0..255 units; ``activity`` is one integer per block.
 
-    Returns the payload and the refinement the decoder will see.
+    ``edge`` pads partial blocks by repetition instead of zeros (see ``_forward``): a
+    block holding one pixel then needs its DC coefficient only.  Returns the payload
+    and the refinement the decoder will see.
     """
     h, w, _ = residual.shape
     step16 = int(np.clip(round(step * 16), _MIN_STEP16, 65535))
     chroma16 = int(np.clip(round(chroma * 16), 16, 255))
     steps = _steps(step16, chroma16)
-    q = quantize(_forward(np.asarray(residual, dtype=np.float64)), steps)
+    q = quantize(_forward(np.asarray(residual, dtype=np.float64), edge), steps)
     best = None
     tried = set()
     for classes in range(1, MAX_CLASSES + 1):

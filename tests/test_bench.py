@@ -44,3 +44,30 @@ def test_baselines_agree_with_independent_measurement(codec, setting, ref_name):
         psnrs.append(psnr(orig, res["_out"]))
     assert abs(np.mean(psnrs) - float(ref["psnr"])) < 0.1
     assert abs(np.mean(bpps) - float(ref["bpp"])) < 0.01 * float(ref["bpp"])
+
+
+def test_metrics_take_read_only_images_without_a_warning():
+    """Issue 13, item 11: decoded baselines are read-only arrays; torch.from_numpy warned about them."""
+    import warnings
+
+    pytest.importorskip("pytorch_msssim")
+    from bdcodec.bench import Metrics
+
+    metrics = Metrics(None)
+    metrics.lpips = None
+    img = np.zeros((8, 8, 3), np.uint8)
+    img.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert metrics(img, img)["psnr"] > 90
+
+
+def test_report_has_no_fid_columns_without_fid():
+    """Issue 13, item 11: FID/KID columns of "n/a" only cluttered the table when --fid was not asked for."""
+    from bdcodec.bench import _report
+
+    summary = {"images": 1, "folder": "x", "notes": [], "bd": [], "speed": [],
+               "curves": {"jpeg": [{"setting": 50, "bpp": 1.0, "psnr": 30.0}]}}
+    assert "FID" not in _report(summary) and "KID" not in _report(summary)
+    summary["curves"]["jpeg"][0].update(fid=12.5, kid=0.01)
+    assert "| FID | KID |" in _report(summary) and "12.5" in _report(summary)

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 import sys
@@ -218,3 +219,236 @@ def test_ctrl_c_in_a_batch_leaves_no_partial_files(tmp_path):
     assert 0 < len(list(out.glob("*.bdc"))) < len(srcs)
     for p in out.glob("*.bdc"):
         assert p.read_bytes()[:3] == b"BDC"
+
+
+# -- issue 13: never lose a file, checks before the work, rough edges ----------------------------
+@pytest.fixture
+def shared_codec(monkeypatch, codec):
+    """The CLI on the session's codec: the model is loaded once for these tests."""
+    import bdcodec.cli
+
+    monkeypatch.setattr(bdcodec.cli, "_codec", lambda *args, **kwargs: codec)
+    return codec
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any attempt to load the model fails the test: checks must come first."""
+    import bdcodec.codec
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the checks failed")
+
+    monkeypatch.setattr(bdcodec.codec.Codec, "__init__", refuse)
+
+
+def _tiny_png(path, seed=0, size=(24, 32)):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_existing_outputs_are_never_replaced_without_force(run, shared_codec, tmp_path):
+    """Item 1: `encode a.png b.png` replaced the photo b.png; `decode a.bdc b.bdc` replaced b.bdc."""
+    a, b = _tiny_png(tmp_path / "a.png", 0), _tiny_png(tmp_path / "b.png", 1)
+    photo = b.read_bytes()
+    res = run("encode", a, b)
+    assert res.exit_code == 1 and b.read_bytes() == photo
+    assert "already exists" in res.stderr and "-f" in res.stderr
+    _one_error_line(res)
+    assert run("encode", a, tmp_path / "a.bdc").exit_code == 0
+    assert run("encode", b, tmp_path / "b.bdc").exit_code == 0
+    kept = (tmp_path / "b.bdc").read_bytes()
+    res = run("decode", tmp_path / "a.bdc", tmp_path / "b.bdc", "--mode", "fidelity")
+    assert res.exit_code == 1 and (tmp_path / "b.bdc").read_bytes() == kept
+    res = run("encode", a, tmp_path / "b.bdc")  # an existing .bdc is no exception
+    assert res.exit_code == 1 and (tmp_path / "b.bdc").read_bytes() == kept
+    assert run("encode", a, b, "-f").exit_code == 0 and b.read_bytes()[:3] == b"BDC"  # -f replaces
+    # batch: an existing output is reported and skipped, the other files are done
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.bdc").write_bytes(b"keep me")
+    c = _tiny_png(tmp_path / "c.png", 2)
+    res = run("encode", a, c, "-o", out)
+    assert res.exit_code == 1 and (out / "a.bdc").read_bytes() == b"keep me"
+    assert (out / "c.bdc").read_bytes()[:3] == b"BDC"
+    assert "a.bdc: already exists" in res.stderr and "1 of 2 files failed" in res.stderr
+    res = run("encode", a, c, "-o", out, "-f")
+    assert res.exit_code == 0 and (out / "a.bdc").read_bytes()[:3] == b"BDC"
+    # two inputs with one output name: the second is refused, even with -f
+    (tmp_path / "d").mkdir()
+    a2 = _tiny_png(tmp_path / "d" / "a.png", 3)
+    res = run("encode", a, a2, "-o", tmp_path / "new", "-f")
+    assert res.exit_code == 1 and "already the output of another input" in res.stderr
+    assert (tmp_path / "new" / "a.bdc").read_bytes() == (out / "a.bdc").read_bytes()  # a.png's, not d/a.png's
+
+
+def test_fifo_outputs_are_written_in_place(run, shared_codec, tmp_path):
+    """Item 2: rename-into-place replaced a device node (/dev/null as root) with a regular file."""
+    import threading
+
+    fifo = tmp_path / "pipe.bdc"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    res = run("encode", _tiny_png(tmp_path / "a.png"), fifo)
+    reader.join(60)
+    assert res.exit_code == 0, res.output
+    assert os.path.exists(fifo) and not os.path.isfile(fifo)  # still the FIFO
+    assert got and got[0][:3] == b"BDC"
+
+
+def test_checks_run_before_any_model_work(run, no_model, tmp_path):
+    """Item 3: a missing output folder was reported 33 s into a decode, output == input after the encode."""
+    png = _tiny_png(tmp_path / "a.png")
+    for args in [("encode", png, tmp_path / "missing" / "a.bdc"),
+                 ("encode", png, png, "-f"),
+                 ("encode", png, tmp_path / "a.bdc", "--max-pixels", 100),
+                 ("encode", tmp_path / "none.png", tmp_path / "b.bdc"),
+                 ("decode", png, tmp_path / "a2.png"),
+                 ("decode", tmp_path / "none.bdc", tmp_path / "a3.png")]:
+        res = run(*args)
+        assert res.exit_code == 1, args
+        _one_error_line(res)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_batch_checks_every_file_before_coding_the_first(run, shared_codec, tmp_path):
+    """Item 3, batch mode: bad files (input, output, weights id) are reported before the first is coded."""
+    good1, good2 = _tiny_png(tmp_path / "good1.png", 1), _tiny_png(tmp_path / "good2.png", 2)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    out = tmp_path / "out"
+    res = run("encode", good1, bad, good2, "-o", out, "-v")
+    assert res.exit_code == 1
+    lines = res.stderr.splitlines()
+    assert "bad.png" in lines[0] and lines[0].startswith("bdcodec: error:")
+    assert any(ln.startswith(str(good1)) for ln in lines[1:]) and any(ln.startswith(str(good2)) for ln in lines)
+    from bdcodec import container
+
+    header, streams = container.unpack((out / "good2.bdc").read_bytes())
+    alien = tmp_path / "alien.bdc"  # a valid file made with other weights
+    alien.write_bytes(container.pack(dataclasses.replace(header, weights_id="0badf00d"), streams))
+    res = run("decode", out / "good1.bdc", alien, out / "good2.bdc", "-o", out, "--mode", "fidelity", "-v")
+    assert res.exit_code == 1
+    lines = res.stderr.splitlines()
+    assert "alien.bdc" in lines[0] and "weights 0badf00d" in lines[0]
+    assert (out / "good1.png").exists() and (out / "good2.png").exists() and not (out / "alien.png").exists()
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_outputs_follow_the_umask(run, shared_codec, tmp_path, umask, mode):
+    """Item 4: every output was created 0600 whatever the umask."""
+    old = os.umask(umask)
+    try:
+        assert run("encode", _tiny_png(tmp_path / "a.png"), tmp_path / "a.bdc").exit_code == 0
+        assert run("decode", tmp_path / "a.bdc", tmp_path / "b.png", "--mode", "fidelity").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bdc").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "b.png").stat().st_mode & 0o777 == mode
+
+
+def test_messages_carry_no_object_reprs(run, no_model, tmp_path):
+    """Item 5: a text file named .png gave 'cannot identify image file <_io.BytesIO object at 0x...>'."""
+    bad = tmp_path / "text.png"
+    bad.write_text("hello\n")
+    res = run("encode", bad, tmp_path / "o.bdc")
+    assert res.exit_code == 1
+    _one_error_line(res)
+    assert "text.png" in res.stderr and "<" not in res.stderr and "0x" not in res.stderr
+
+
+def test_target_bpp_out_of_reach_warns_and_excludes_quality(run, shared_codec, tmp_path):
+    """Item 6: a missed --target-bpp passed silently; -q beside it was silently ignored."""
+    png = _tiny_png(tmp_path / "a.png")
+    res = run("encode", png, tmp_path / "a.bdc", "--target-bpp", "0.01")
+    assert res.exit_code == 0 and (tmp_path / "a.bdc").exists()
+    warning = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(warning) == 1 and warning[0].startswith("bdcodec: warning:") and "0.01" in warning[0]
+    res = run("encode", png, tmp_path / "b.bdc", "--target-bpp", "0.3", "-q", "90")
+    assert res.exit_code == 2 and not (tmp_path / "b.bdc").exists()
+
+
+def test_out_quality_sets_the_quality_of_lossy_outputs(run, shared_codec, small_png, tmp_path):
+    """Item 7: decoding to .jpg/.webp used Pillow's default quality with no way to choose it."""
+    bdc = tmp_path / "a.bdc"
+    assert run("encode", small_png, bdc, "-q", "60").exit_code == 0
+    sizes = {}
+    for q in (20, 95):
+        res = run("decode", bdc, tmp_path / f"q{q}.jpg", "--mode", "fidelity", "--out-quality", q)
+        assert res.exit_code == 0, res.output
+        sizes[q] = (tmp_path / f"q{q}.jpg").stat().st_size
+    assert sizes[95] > 2 * sizes[20]
+    assert "--out-quality" in run("decode", "--help").output
+
+
+def test_binary_output_to_a_terminal_is_refused(small_png):
+    """Item 8: `bdcodec encode x.png -` wrote binary data to the terminal."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bdcodec", "encode", str(small_png), "-"], stdout=terminal,
+                              stderr=subprocess.PIPE, cwd=ROOT, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        os.close(terminal)
+    os.set_blocking(controller, False)
+    try:
+        written = os.read(controller, 1 << 16)
+    except OSError:  # nothing written (EAGAIN), or the terminal is gone (EIO)
+        written = b""
+    os.close(controller)
+    assert proc.returncode == 1 and b"terminal" in proc.stderr and b"BDC" not in written
+
+
+def test_broken_pipe_ends_quietly(monkeypatch, capfd):
+    """Item 8: `bdcodec encode x.png - | head -c 0` printed a BrokenPipeError traceback."""
+    import io
+
+    from bdcodec import cli
+
+    class Closed(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(Closed())))
+    with pytest.raises(SystemExit) as exc:
+        cli._write_output("-", b"BDC" * 10_000, False)
+    assert exc.value.code == 141
+    assert capfd.readouterr().err == ""
+
+
+def test_decode_help_says_the_default_mode_is_the_files(run):
+    """Item 9: `decode --help` called perceptual the default; a --tune fidelity file decodes in fidelity mode."""
+    text = " ".join(run("decode", "--help").output.split())
+    assert "the mode stored in the file" in text and "--tune fidelity" in text
+
+
+def test_import_prints_no_warning():
+    """Item 11: `from bdcodec import Codec` printed a FutureWarning (torch.jit.script, from compressai's import)."""
+    probe = ("from bdcodec import Codec; import warnings\n"
+             "assert not [f for f in warnings.filters if f[2] is FutureWarning]  # silenced at the import only")
+    res = subprocess.run([sys.executable, "-W", "default", "-c", probe], capture_output=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert res.returncode == 0 and res.stderr == b"", res.stderr.decode()
+
+
+def test_progress_shows_on_a_terminal_only(run, shared_codec, monkeypatch, tmp_path):
+    """Item 12: long work was silent; bars now go to stderr when it is a terminal, never with --quiet."""
+    from bdcodec import cli
+
+    pngs = [_tiny_png(tmp_path / f"{i}.png", i) for i in range(2)]
+    res = run("encode", *pngs, "-o", tmp_path / "piped")
+    assert res.exit_code == 0 and res.stderr == ""  # not a terminal: no bar
+    monkeypatch.setattr(cli, "PROGRESS_DELAY", 0)
+    monkeypatch.setattr(cli, "_stderr_is_tty", lambda: True)
+    res = run("encode", *pngs, "-o", tmp_path / "tty")
+    assert res.exit_code == 0 and "2/2" in res.stderr and "file" in res.stderr
+    res = run("encode", *pngs, "-o", tmp_path / "quiet", "--quiet")
+    assert res.exit_code == 0 and res.stderr == ""
