@@ -122,21 +122,30 @@ def pack(folder, out, max_side: int = 512, quality: int = 76, fmt: str = "avif",
     import concurrent.futures
     import io
 
+    if not Path(folder).is_dir():
+        raise SystemExit(f"pack: no such folder: {folder}")
     paths = list_images(folder)
     if not paths:
-        raise SystemExit(f"no images in {folder}")
+        raise SystemExit(f"pack: no images in {folder}")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise SystemExit(f"pack: output folder {out.parent} does not exist")
     fmt = fmt.lower()
     suffix = {"avif": ".avif", "webp": ".webp", "jpeg": ".jpg"}[fmt]
     work = [(str(p), max_side, quality, fmt) for p in paths]
-    out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    total = 0
-    with concurrent.futures.ProcessPoolExecutor(jobs) as pool, tarfile.open(tmp, "w") as tar:
-        for p, data in zip(paths, pool.map(_pack_one, work, chunksize=8)):
-            info = tarfile.TarInfo(p.stem + suffix)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-            total += len(data)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(jobs) as pool, tarfile.open(tmp, "w") as tar:
+            for p, data in zip(paths, pool.map(_pack_one, work, chunksize=8)):
+                info = tarfile.TarInfo(p.stem + suffix)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    except (OSError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"pack: {exc}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out)
     return {"images": len(paths), "bytes": out.stat().st_size}
 
@@ -145,18 +154,23 @@ def _pack_one(job) -> bytes:
     import io
 
     path, max_side, quality, fmt = job
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
         im = im.convert("RGB")
-        if max(im.size) > max_side:
-            s = max_side / max(im.size)
-            im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.LANCZOS)
-        buf = io.BytesIO()
-        if fmt == "avif":
-            im.save(buf, "AVIF", quality=quality, subsampling="4:4:4", speed=6)
-        elif fmt == "webp":
-            im.save(buf, "WEBP", quality=quality, method=6)
-        else:
-            im.save(buf, "JPEG", quality=quality, subsampling=0)
+    except (OSError, ValueError) as exc:
+        from .imageio import error_reason
+
+        raise ValueError(f"{path}: cannot read image ({error_reason(exc)})") from None
+    if max(im.size) > max_side:
+        s = max_side / max(im.size)
+        im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.LANCZOS)
+    buf = io.BytesIO()
+    if fmt == "avif":
+        im.save(buf, "AVIF", quality=quality, subsampling="4:4:4", speed=6)
+    elif fmt == "webp":
+        im.save(buf, "WEBP", quality=quality, method=6)
+    else:
+        im.save(buf, "JPEG", quality=quality, subsampling=0)
     return buf.getvalue()
 
 

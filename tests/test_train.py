@@ -82,6 +82,17 @@ def test_pack_then_both_stages_in_one_budget_with_sharded_export(data, tmp_path)
     assert (tmp_path / "run" / "rd" / "best.safetensors").exists()
 
 
+def test_pack_refuses_bad_input_in_one_line_and_leaves_no_file(data, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_text("not an image")
+    for folder, out, msg in ((tmp_path / "missing", tmp_path / "p.tar", "no such folder"),
+                             (data / "train", tmp_path / "no" / "p.tar", "does not exist"),
+                             (tmp_path / "in", tmp_path / "p.tar", "a.png: cannot read image")):
+        with pytest.raises(SystemExit, match=msg):
+            train_main(["pack", "--data", str(folder), "--out", str(out), "--jobs", "1"])
+    assert not list(tmp_path.glob("p.tar*"))
+
+
 def test_crops_are_reproducible_and_cover_flips():
     import torch
 
