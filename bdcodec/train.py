@@ -15,6 +15,7 @@ Multi-GPU/multi-process: launch with ``torchrun --nproc_per_node N -m bdcodec.tr
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -42,9 +43,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS)
 
 
-def _decode_image(data: bytes, name: str) -> np.ndarray:
-    import io
-
+def _decode_image(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -60,10 +59,10 @@ def load_images(source, crop: int = 0, limit: int | None = None) -> list[np.ndar
         with tarfile.open(source) as tar:
             members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)[:limit]
             for m in members:
-                arrays.append(_decode_image(tar.extractfile(m).read(), m.name))
+                arrays.append(_decode_image(tar.extractfile(m).read()))
     elif source.is_dir():
         for p in list_images(source)[:limit]:
-            arrays.append(_decode_image(p.read_bytes(), p.name))
+            arrays.append(_decode_image(p.read_bytes()))
     else:
         raise SystemExit(f"no training data at {source}")
     if not arrays:
@@ -120,7 +119,6 @@ def pack(folder, out, max_side: int = 512, quality: int = 76, fmt: str = "avif",
     to reach.  The tar is written to a temporary name and renamed when complete.
     """
     import concurrent.futures
-    import io
 
     if not Path(folder).is_dir():
         raise SystemExit(f"pack: no such folder: {folder}")
@@ -151,8 +149,6 @@ def pack(folder, out, max_side: int = 512, quality: int = 76, fmt: str = "avif",
 
 
 def _pack_one(job) -> bytes:
-    import io
-
     path, max_side, quality, fmt = job
     try:
         im = Image.open(path)
