@@ -4,6 +4,9 @@
 #
 #   scripts/gpu-train.sh OUTDIR [MINUTES]        (MINUTES: the whole script's budget, default 9.3)
 #
+# RD_SHARE (default 0.6) is the share of the training time given to the R-D stage, DIFFUSION_LR (default
+# 1e-4) the diffusion stage's learning rate.
+#
 # Run from the repository root on a CUDA machine with python3, torch, numpy, pillow, click and
 # safetensors.  What it does not have comes along in ignored folders, prepared on a machine with pip:
 #   .whl/   wheels of compressai, constriction, lpips, pytorch_msssim (installed with --no-index)
@@ -43,7 +46,7 @@ minutes=$(python3 -c "print(f'{($(left) - 75) / 60:.2f}')")
 echo "training budget: $minutes minutes"
 timeout --signal=INT --kill-after=15 "$(python3 -c "print(int($minutes * 60 + 40))")" \
     python3 -m bdcodec.train --stage both --data .gpu/train.tar --val examples --val-limit 3 \
-    --minutes "$minutes" --rd-share 0.6 --crop 256 --batch 32 --lr 1e-4 --lr-final 1e-5 --diffusion-lr 1e-4 \
+    --minutes "$minutes" --rd-share "${RD_SHARE:-0.6}" --crop 256 --batch 32 --lr 1e-4 --lr-final 1e-5 --diffusion-lr "${DIFFUSION_LR:-1e-4}" \
     --ckpt-minutes 1 --val-every 200 --run-dir "$run" --out "$out/bdcodec-gpu.safetensors" --shard-mb 16 \
     --lpips-weights .gpu/alexnet-features-fp16.pth
 status=$?
