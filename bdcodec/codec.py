@@ -33,7 +33,7 @@ from .diffusion import BlurSchedule
 from .entropy import anchor_mask, scale_indexes
 from .errors import BdcError
 from .model import pad_to
-from .rans import PassDecoder, PassEncoder
+from .rans import HyperCoder, PassDecoder, PassEncoder, decode_z_compressai
 from .weights import default_weights_path, load_model
 
 __all__ = ["Codec", "DEFAULT_QUALITY", "DEFAULT_STEPS"]
@@ -162,6 +162,10 @@ class Codec:
         for part in (self.model.g_a, self.model.g_s, self.model.texture, self.model.denoiser):
             part.to(self.device)
         self.timings: dict[str, float] = {}
+        eb = self.model.entropy_bottleneck
+        self._z_tables = (eb._quantized_cdf.numpy().astype(np.int64), eb._cdf_length.numpy().astype(np.int64),
+                          eb._offset.numpy().astype(np.int64), eb.quantiles.detach()[:, 0, 1].numpy())
+        self.hyper = HyperCoder(*self._z_tables)
 
     # -- helpers ------------------------------------------------------------------------------
     def _tensor(self, pixels: np.ndarray) -> torch.Tensor:
@@ -352,18 +356,16 @@ class Codec:
 
     def _encode_latent(self, y: torch.Tensor) -> tuple[Streams, torch.Tensor, np.ndarray]:
         t0 = time.perf_counter()
-        eb = self.model.entropy_bottleneck
         z = self.model.h_a(y)
-        z_strings = eb.compress(z)
-        z_hat = eb.decompress(z_strings, z.shape[-2:])
-        psi = self.model.h_s(z_hat)
+        z_stream, z_hat = self.hyper.encode(z[0].numpy())
+        psi = self.model.h_s(torch.from_numpy(z_hat)[None])
         coder = PassEncoder()
         y_hat_g, activity = self._passes(psi, y, coder)
         t1 = time.perf_counter()
         y_stream, escapes, crc = coder.finish()
         self.timings["entropy_model"] = t1 - t0
         self.timings["rans"] = time.perf_counter() - t1
-        return Streams(z_strings[0], escapes, y_stream, crc), y_hat_g, activity
+        return Streams(z_stream, escapes, y_stream, crc), y_hat_g, activity
 
     # -- decode -------------------------------------------------------------------------------
     def _decode(self, data, mode, steps, temperature, seed, max_pixels, progress) -> tuple[np.ndarray, Header]:
@@ -381,13 +383,11 @@ class Codec:
         t0 = time.perf_counter()
         hp = math.ceil(header.height / PAD) * PAD
         wp = math.ceil(header.width / PAD) * PAD
-        eb = self.model.entropy_bottleneck
-        zshape = (hp // 64, wp // 64)
-        try:
-            z_hat = eb.decompress([streams.z], zshape)
-        except Exception as exc:
-            raise BdcError(f"corrupt file: z stream does not decode ({exc})") from None
-        psi = self.model.h_s(z_hat)
+        if header.version >= 4:
+            z_hat = self.hyper.decode(streams.z, hp // 64, wp // 64)
+        else:
+            z_hat = decode_z_compressai(streams.z, hp // 64, wp // 64, *self._z_tables)
+        psi = self.model.h_s(torch.from_numpy(z_hat)[None])
         coder = PassDecoder(streams.y, streams.escapes)
         y_hat_g, activity = self._passes(psi, None, coder)
         coder.finish(streams.symbol_crc)

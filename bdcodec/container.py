@@ -6,7 +6,7 @@ All integers little-endian; ``varint`` is unsigned LEB128 (at most 5 bytes here)
 bytes   field        meaning
 ======  ===========  ==========================================================
 3       magic        ``b"BDC"``
-1       version      container format version (3; versions 1 and 2 are read too)
+1       version      container format version (4; versions 1 to 3 are read too)
 1       flags        bit 0: grayscale source; bit 1: default decode mode is
                      fidelity (else perceptual); bit 2: a refinement layer
                      follows the y stream; other bits must be 0
@@ -19,7 +19,8 @@ varint  width - 1    image width in pixels  (1 .. 2^20)
 varint  height - 1   image height in pixels (1 .. 2^20)
 1       steps        default diffusion steps (1..64)
 varint  seed         default sampling seed (< 2^32)
-varint  len, bytes   z stream (hyper-latent, CompressAI rANS)
+varint  len, bytes   z stream (hyper-latent; constriction rANS words, uint32
+                     little-endian; CompressAI's rANS format before version 4)
 varint  len, bytes   escape stream (varints of out-of-alphabet residual magnitudes)
 varint  len, bytes   y stream (constriction rANS words, uint32 little-endian)
 varint  len, bytes   refinement layer (only with flag bit 2; see ``refine.py``)
@@ -44,8 +45,8 @@ from .errors import BdcError
 __all__ = ["MAGIC", "VERSION", "MAX_SIDE", "Header", "pack", "unpack", "describe"]
 
 MAGIC = b"BDC"
-VERSION = 3
-READ_VERSIONS = (1, 2, 3)
+VERSION = 4
+READ_VERSIONS = (1, 2, 3, 4)
 LEVEL_SCALE = 50  # the rate level is stored in steps of 1/LEVEL_SCALE
 MAX_SIDE = 1 << 20
 _FLAG_GRAY = 1
@@ -126,7 +127,7 @@ def pack(header: Header, streams: Streams) -> bytes:
     if header.version not in READ_VERSIONS:
         raise ValueError(f"unknown version {header.version}")
     if (header.level is None) != (header.version < 3):
-        raise ValueError("version 3 files carry a rate level; earlier versions do not")
+        raise ValueError("files from version 3 on carry a rate level; earlier versions do not")
     if header.version < 2 and streams.refine:
         raise ValueError("version 1 files have no refinement layer")
     flags = (_FLAG_GRAY if header.gray else 0) | (_FLAG_FIDELITY if header.mode == "fidelity" else 0)

@@ -25,15 +25,12 @@ during coding, so the encoder and the decoder evaluate identical arithmetic.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-with warnings.catch_warnings():  # compressai's import runs torch.jit.script (via torch_geometric), now deprecated
-    warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning)
-    from compressai.layers import CheckerboardMaskedConv2d
+from .layers import CheckerboardMaskedConv2d
 
 __all__ = [
     "SCALE_TABLE",

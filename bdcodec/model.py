@@ -23,25 +23,17 @@ import json
 import math
 import warnings
 
+import numpy as np
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-with warnings.catch_warnings():  # compressai's import runs torch.jit.script (via torch_geometric), now deprecated
-    warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning)
-    from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-    from compressai.layers import (
-        ResidualBlock,
-        ResidualBlockUpsample,
-        ResidualBlockWithStride,
-        conv3x3,
-        subpel_conv3x3,
-    )
-
 from .diffusion import Denoiser
 from .entropy import SCALE_TABLE, LaplacianEntropyModel
+from .layers import ResidualBlock, ResidualBlockUpsample, ResidualBlockWithStride, conv3x3, subpel_conv3x3
 
-__all__ = ["ModelConfig", "BDCodecModel"]
+__all__ = ["ModelConfig", "BDCodecModel", "HyperTables"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +83,53 @@ def _deconv(cin, cout, k=5, s=2):
     return nn.ConvTranspose2d(cin, cout, k, stride=s, output_padding=s - 1, padding=k // 2)
 
 
-class BDCodecModel(nn.Module):
-    def __init__(self, cfg: ModelConfig = ModelConfig()):
+def _compressai_entropy_models():
+    """CompressAI's factorized prior and Gaussian conditional, for training only."""
+    with warnings.catch_warnings():  # compressai's import runs torch.jit.script (via torch_geometric), now deprecated
+        warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning)
+        from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+    return EntropyBottleneck, GaussianConditional
+
+
+class HyperTables(nn.Module):
+    """What coding needs of the trained factorized prior of z: its medians and quantized CDFs.
+
+    The buffers carry the names of CompressAI's ``EntropyBottleneck`` (``quantiles``,
+    ``_offset``, ``_quantized_cdf``, ``_cdf_length``), so they load from the same
+    weights; the density model's own parameters are needed only in training.  Per
+    channel c, a symbol ``s = round(z - median_c)`` is coded as bin ``s - _offset[c]``
+    of the 16-bit CDF ``_quantized_cdf[c, :_cdf_length[c]]``; its last bin is
+    CompressAI's overflow bin.
+    """
+
+    KEYS = ("quantiles", "_offset", "_quantized_cdf", "_cdf_length")
+
+    def __init__(self, channels: int):
         super().__init__()
+        self.register_buffer("quantiles", torch.zeros(channels, 1, 3))
+        self.register_buffer("_offset", torch.zeros(0, dtype=torch.int32))
+        self.register_buffer("_quantized_cdf", torch.zeros(0, dtype=torch.int32))
+        self.register_buffer("_cdf_length", torch.zeros(0, dtype=torch.int32))
+
+    def medians(self) -> torch.Tensor:
+        return self.quantiles[:, 0, 1]
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cdfs (C, L) int64, cdf lengths (C,), offsets (C,)) as numpy arrays."""
+        return (self._quantized_cdf.numpy().astype(np.int64), self._cdf_length.numpy().astype(np.int64),
+                self._offset.numpy().astype(np.int64))
+
+
+class BDCodecModel(nn.Module):
+    """The whole network.
+
+    ``trainable=False`` builds the coding model: the hyperprior's density model is
+    replaced by its frozen :class:`HyperTables`, and CompressAI is not imported.
+    """
+
+    def __init__(self, cfg: ModelConfig = ModelConfig(), trainable: bool = True):
+        super().__init__()
+        self.trainable = trainable
         self.cfg = cfg
         N, M, Nh = cfg.N, cfg.M, cfg.hyper_N
         self.g_a = nn.Sequential(
@@ -126,8 +162,12 @@ class BDCodecModel(nn.Module):
             nn.LeakyReLU(inplace=True),
             conv3x3(Nh * 3 // 2, hyper_ch),
         )
-        self.entropy_bottleneck = EntropyBottleneck(Nh)
-        self.gaussian = GaussianConditional(SCALE_TABLE.tolist())
+        if trainable:
+            EntropyBottleneck, GaussianConditional = _compressai_entropy_models()
+            self.entropy_bottleneck = EntropyBottleneck(Nh)
+            self.gaussian = GaussianConditional(SCALE_TABLE.tolist())
+        else:
+            self.entropy_bottleneck = HyperTables(Nh)
         self.entropy = LaplacianEntropyModel(
             M, list(cfg.chunks), hyper_ch, cfg.global_context, cfg.attn_dim, cfg.heads, cfg.depth, cfg.window
         )
@@ -204,12 +244,18 @@ class BDCodecModel(nn.Module):
         return self.texture(y_hat)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if not self.trainable:  # the coding model keeps only the hyperprior's tables
+            keep = tuple(f"entropy_bottleneck.{k}" for k in HyperTables.KEYS)
+            state_dict = {k: v for k, v in state_dict.items()
+                          if not k.startswith(("entropy_bottleneck.", "gaussian.")) or k in keep}
         # The bottleneck's CDF buffers change size with its tables; resize before loading.
         eb = self.entropy_bottleneck
         for name in ("_quantized_cdf", "_offset", "_cdf_length"):
             key = f"entropy_bottleneck.{name}"
             if key in state_dict:
                 getattr(eb, name).resize_(state_dict[key].shape)
+        if not self.trainable:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
         for name in ("_quantized_cdf", "_offset", "_cdf_length", "scale_table"):
             key = f"gaussian.{name}"
             if key in state_dict:

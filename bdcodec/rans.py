@@ -1,5 +1,6 @@
-"""rANS coding of the latent's residual symbols with ``constriction``.
+"""rANS coding of the latents with ``constriction``.
 
+**y.**
 Each symbol is ``r = round(y - mu)`` under a zero-mean quantized Gaussian whose
 standard deviation is ``SCALE_TABLE[idx]``: the probability tables depend only on
 the integer index, never on float noise in mu or sigma.  Residuals outside
@@ -8,6 +9,15 @@ and their excess magnitude goes, as a varint, to a separate escape stream.
 
 All passes share one stack coder (LIFO): the encoder pushes the passes in
 reverse, so the decoder pops them in coding order, one vectorized call per pass.
+
+**z.** The hyper-latent's symbols ``round(z - median_c)`` use, per channel c, the
+trained factorized prior's 16-bit CDF (see ``model.HyperTables``): the encoder
+clamps them into the table's range (its overflow bin is never used; a clamped
+value is simply the z the decoder sees), and a stack coder codes the channels one
+vectorized call each.  The table's probabilities are multiples of 2^-16, which
+constriction takes exactly, so both sides build identical models.  Files before
+container version 4 hold CompressAI's own rANS format for z, which
+:func:`decode_z_compressai` reads with CompressAI's coder.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import numpy as np
 from .entropy import SCALE_TABLE
 from .errors import BdcError
 
-__all__ = ["ALPHABET", "PassEncoder", "PassDecoder"]
+__all__ = ["ALPHABET", "PassEncoder", "PassDecoder", "HyperCoder", "decode_z_compressai"]
 
 ALPHABET = 255
 _STDS = SCALE_TABLE.double().numpy()
@@ -112,3 +122,62 @@ class PassDecoder:
                 "decoded symbols do not match the file's checksum (corrupt file, or the encoder's "
                 "arithmetic differs from this machine's)"
             )
+
+
+class HyperCoder:
+    """Codes z with the factorized prior's tables: ``cdfs`` (C, L), ``lengths`` (C,), ``offsets`` (C,)."""
+
+    def __init__(self, cdfs: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, medians: np.ndarray):
+        self.offsets = offsets.astype(np.int64)
+        self.bins = lengths.astype(np.int64) - 2  # value bins, the overflow bin left out
+        self.medians = medians.astype(np.float32)
+        self.models = []
+        for c in range(len(lengths)):
+            pmf = np.diff(cdfs[c, : lengths[c]]).astype(np.float64) / 65536.0
+            self.models.append(constriction.stream.model.Categorical(pmf, perfect=False))
+
+    def encode(self, z: np.ndarray) -> tuple[bytes, np.ndarray]:
+        """z (C, H, W) float32 -> (stream, z_hat as the decoder will see it)."""
+        med = self.medians[:, None, None]
+        sym = np.round(z - med).astype(np.int64) - self.offsets[:, None, None]
+        sym = np.clip(sym, 0, self.bins[:, None, None] - 1)
+        coder = constriction.stream.stack.AnsCoder()
+        for c in reversed(range(len(self.models))):
+            coder.encode_reverse(sym[c].ravel().astype(np.int32), self.models[c])
+        return coder.get_compressed().astype("<u4").tobytes(), self._values(sym)
+
+    def decode(self, data: bytes, height: int, width: int) -> np.ndarray:
+        if len(data) % 4:
+            raise BdcError("corrupt file: z stream is not a whole number of words")
+        try:
+            coder = constriction.stream.stack.AnsCoder(np.frombuffer(data, dtype="<u4").astype(np.uint32))
+            sym = np.stack([coder.decode(m, height * width) for m in self.models]).astype(np.int64)
+        except Exception as exc:
+            raise BdcError(f"corrupt file: z stream does not decode ({exc})") from None
+        if (sym >= self.bins[:, None]).any():
+            raise BdcError("corrupt file: z stream holds an overflow symbol")
+        return self._values(sym.reshape(-1, height, width))
+
+    def _values(self, sym: np.ndarray) -> np.ndarray:
+        return ((sym + self.offsets[:, None, None]).astype(np.float32) + self.medians[:, None, None])
+
+
+def decode_z_compressai(data: bytes, height: int, width: int, cdfs: np.ndarray, lengths: np.ndarray,
+                        offsets: np.ndarray, medians: np.ndarray) -> np.ndarray:
+    """z_hat (C, H, W) from a z stream in CompressAI's format (container versions 1 to 3)."""
+    import warnings
+
+    with warnings.catch_warnings():  # compressai's import runs torch.jit.script, now deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        from compressai.ans import RansDecoder
+
+    channels = len(lengths)
+    indexes = np.repeat(np.arange(channels, dtype=np.int32), height * width)
+    try:
+        values = RansDecoder().decode_with_indexes(
+            data, indexes.tolist(), cdfs.astype(np.int32).tolist(), lengths.astype(np.int32).tolist(),
+            offsets.astype(np.int32).tolist())
+    except Exception as exc:
+        raise BdcError(f"corrupt file: z stream does not decode ({exc})") from None
+    values = np.asarray(values, dtype=np.float32).reshape(channels, height, width)
+    return values + medians.astype(np.float32)[:, None, None]

@@ -365,7 +365,7 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
     record = {"stages": []}
     init = None if args.scratch else (init or _default_init())
     if init:
-        model, meta = load_model(init)
+        model, meta = load_model(init, trainable=True)
         record = json.loads(meta.get("training", "{}")) or record
         record.setdefault("stages", [])
         cfg = model.cfg

@@ -158,8 +158,11 @@ def _split(state: dict, limit: int, meta_bytes: int) -> list[list[str]]:
     return groups
 
 
-def load_model(path: str | os.PathLike | None = None):
-    """Load a :class:`~bdcodec.model.BDCodecModel` in eval mode; returns ``(model, metadata)``."""
+def load_model(path: str | os.PathLike | None = None, trainable: bool = False):
+    """Load a :class:`~bdcodec.model.BDCodecModel` in eval mode; returns ``(model, metadata)``.
+
+    ``trainable=True`` builds the training model (with CompressAI's entropy models).
+    """
     from safetensors.torch import load_file
 
     from .model import BDCodecModel, ModelConfig
@@ -170,7 +173,7 @@ def load_model(path: str | os.PathLike | None = None):
         cfg = ModelConfig.from_json(meta["config"])
     except (ValueError, TypeError) as exc:
         raise BdcError(f"{path}: weights config does not match this version of bdcodec: {exc}") from None
-    model = BDCodecModel(cfg)
+    model = BDCodecModel(cfg, trainable=trainable)
     files = weight_files(path)
     state = {}
     for f in files:

@@ -179,6 +179,22 @@ def test_stdin_stdout_and_help_without_torch(small_png, tmp_path):
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60).returncode == 0
 
 
+def test_encode_and_decode_do_not_import_compressai(small_png, tmp_path):
+    probe = (
+        "import sys\nfrom bdcodec.cli import main\n"
+        "for args in (['encode', sys.argv[1], sys.argv[2]], ['decode', sys.argv[2], sys.argv[3]],\n"
+        "             ['decode', sys.argv[2], sys.argv[4], '--mode', 'fidelity', '--steps', '1'], ['info', sys.argv[2]]):\n"
+        "    try:\n        main(args)\n    except SystemExit as exc:\n        assert not exc.code, args\n"
+        "assert 'compressai' not in sys.modules, 'compressai imported'\n"
+        "assert 'scipy' not in sys.modules and 'torch._dynamo' not in sys.modules, 'heavy imports'\n"
+    )
+    res = subprocess.run([sys.executable, "-c", probe, str(small_png), str(tmp_path / "a.bdc"),
+                          str(tmp_path / "a.png"), str(tmp_path / "b.png")],
+                         capture_output=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    assert (tmp_path / "a.png").exists() and (tmp_path / "b.png").exists()
+
+
 def test_bad_weights_and_device_fail_in_one_line(run, small_png, tmp_path):
     res = run("encode", small_png, tmp_path / "o.bdc", "--weights", tmp_path / "none.safetensors")
     assert res.exit_code == 1

@@ -40,8 +40,20 @@ def test_higher_quality_means_more_bits_and_less_error(codec, kodim23):
     assert sizes == sorted(sizes) and errors == sorted(errors, reverse=True)
 
 
-def test_file_size_matches_the_estimated_rate(codec, kodim23):
-    model = codec.model
+@pytest.fixture(scope="module")
+def trainable_model():
+    from bdcodec.weights import load_model
+
+    return load_model(trainable=True)[0]
+
+
+@pytest.fixture(scope="module")
+def compressai_bottleneck(trainable_model):
+    return trainable_model.entropy_bottleneck
+
+
+def test_file_size_matches_the_estimated_rate(codec, kodim23, trainable_model):
+    model = trainable_model
     for q in (25.0, 80.0):
         data = codec.encode(kodim23, quality=q)
         x = pad_to(torch.from_numpy(kodim23.copy()).permute(2, 0, 1)[None].float() / 255, 64)
@@ -130,15 +142,38 @@ def _repacked(data: bytes, **changes) -> bytes:
     return container.pack(dataclasses.replace(header, **changes), streams)
 
 
-def test_earlier_versions_take_the_rate_level_from_the_quality(codec, kodim23):
+def _legacy(codec, eb, data: bytes, **changes) -> bytes:
+    """``data`` as an earlier container version writes it: z in CompressAI's rANS format."""
+    import dataclasses
+    import math
+
+    header, streams = container.unpack(data)
+    zh, zw = math.ceil(header.height / 64), math.ceil(header.width / 64)
+    z_hat = torch.from_numpy(codec.hyper.decode(streams.z, zh, zw))[None]
+    z = eb.compress(z_hat)[0]
+    return container.pack(dataclasses.replace(header, **changes), dataclasses.replace(streams, z=z))
+
+
+def test_files_with_compressai_z_streams_decode_the_same(codec, kodim23, compressai_bottleneck):
+    crop = np.ascontiguousarray(kodim23[:128, :192])
+    data = codec.encode(crop, quality=30)
+    old = _legacy(codec, compressai_bottleneck, data, version=3)
+    assert old != data
+    for mode in ("fidelity", "perceptual"):
+        want, _ = codec.decode(data, mode=mode, steps=2)
+        out, header = codec.decode(old, mode=mode, steps=2)
+        assert header.version == 3 and np.array_equal(out, want)
+
+
+def test_earlier_versions_take_the_rate_level_from_the_quality(codec, kodim23, compressai_bottleneck):
     from bdcodec.codec import REFINE_FROM
 
     crop = np.ascontiguousarray(kodim23[:64, :128])
     data = codec.encode(crop, quality=REFINE_FROM)
     assert container.unpack(data)[0].level == 3.0  # 0.6 of the model's 5 levels
     # version 2 mapped quality 50, version 1 quality 60, to that same level
-    v2 = _repacked(data, version=2, level=None)
-    v1 = _repacked(data, version=1, level=None, quality=60.0)
+    v2 = _legacy(codec, compressai_bottleneck, data, version=2, level=None)
+    v1 = _legacy(codec, compressai_bottleneck, data, version=1, level=None, quality=60.0)
     want, _ = codec.decode(data, mode="fidelity")
     for old in (v2, v1):
         out, _ = codec.decode(old, mode="fidelity")
