@@ -259,12 +259,12 @@ def _run(ui: _Terminal, jobs, force: bool, check, load, verify, work, verbose: b
         sys.exit(1)
 
 
-def _codec(ui: _Terminal, weights, device):
+def _codec(ui: _Terminal, weights, device, threads):
     """Load the model once for the whole batch; a failure ends the command with exit 1."""
     from .codec import Codec
 
     try:
-        return Codec(weights, device)
+        return Codec(weights, device, threads=threads)
     except BdcError as exc:
         ui.fail(str(exc))
         sys.exit(1)
@@ -274,6 +274,10 @@ _common = [
     click.option("--weights", type=click.Path(dir_okay=False), default=None,
                  help="Weights file (default: $BDCODEC_WEIGHTS or the shipped weights)."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+    click.option("--threads", type=click.IntRange(1), default=None,
+                 help="CPU threads for the pixel networks (default: every core).  Files and fidelity "
+                      "decodes do not depend on it; a perceptual decode may differ by one grey level "
+                      "in a few pixels between thread counts."),
     click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
                  help="Refuse images larger than this."),
     click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
@@ -324,7 +328,7 @@ def main():
               help="The decode mode the file is made for: sets how bits are split between the latent and "
                    "the refinement layer, and the file's default decode mode.")
 @common
-def encode(paths, quality, target_bpp, tune, weights, device, max_pixels, output_dir, force, verbose, quiet):
+def encode(paths, quality, target_bpp, tune, weights, device, threads, max_pixels, output_dir, force, verbose, quiet):
     """Encode images: IN OUT, or IN... -o DIR ('-' is stdin/stdout)."""
     ctx = click.get_current_context()
     if target_bpp is not None and ctx.get_parameter_source("quality") != click.core.ParameterSource.DEFAULT:
@@ -350,7 +354,7 @@ def encode(paths, quality, target_bpp, tune, weights, device, max_pixels, output
         _write_output(dst, out, force)
         return f"{len(out)} bytes, {bpp:.4f} bpp"
 
-    _run(ui, jobs, force, check, lambda: _codec(ui, weights, device), lambda *a: None, work, verbose)
+    _run(ui, jobs, force, check, lambda: _codec(ui, weights, device, threads), lambda *a: None, work, verbose)
 
 
 @main.command(epilog=_OUTPUT_RULE)
@@ -366,7 +370,7 @@ def encode(paths, quality, target_bpp, tune, weights, device, max_pixels, output
               help="Quality of a lossy OUT format (.jpg, .webp, .avif), 1..100 "
                    "(default: Pillow's, 75 for JPEG and 80 for WebP).")
 @common
-def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, max_pixels, output_dir, force,
+def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, threads, max_pixels, output_dir, force,
            verbose, quiet):
     """Decode .bdc files to PNG (or the format of OUT's suffix): IN OUT, or IN... -o DIR."""
     jobs = _jobs(paths, output_dir, ".png")
@@ -398,7 +402,7 @@ def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, 
         _write_output(dst, write_image(pixels, dst, header.gray, quality=out_quality), force)
         return f"{len(data)} bytes, {8 * len(data) / (header.width * header.height):.4f} bpp"
 
-    _run(ui, jobs, force, check, lambda: _codec(ui, weights, device), verify, work, verbose)
+    _run(ui, jobs, force, check, lambda: _codec(ui, weights, device, threads), verify, work, verbose)
 
 
 @main.command()
