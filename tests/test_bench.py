@@ -71,3 +71,44 @@ def test_report_has_no_fid_columns_without_fid():
     assert "FID" not in _report(summary) and "KID" not in _report(summary)
     summary["curves"]["jpeg"][0].update(fid=12.5, kid=0.01)
     assert "| FID | KID |" in _report(summary) and "12.5" in _report(summary)
+
+
+def test_cli_speed_times_every_command_line_and_reports_ratios(codec, monkeypatch, tmp_path):
+    """Issue 15, item 5: s/MP of whole command-line runs at two sizes and batch images/s, against AVIF.
+
+    Cheap: one tiny image, a small "large" size, one run each, and the bdcodec command lines run in
+    this process on the session's codec (no timing is checked)."""
+    from click.testing import CliRunner
+    from PIL import Image, features
+
+    import bdcodec.cli
+    from bdcodec.bench import _report, _tile_to, cli_speed
+
+    monkeypatch.setattr(bdcodec.cli, "_codec", lambda *args, **kwargs: codec)
+    calls = []
+
+    def run_bdcodec(args):
+        calls.append(args)
+        res = CliRunner().invoke(bdcodec.cli.main, args, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+
+    png = tmp_path / "a.png"
+    px = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(px).save(png)
+    tiled = _tile_to(px, 70, 50)
+    assert tiled.shape == (50, 70, 3) and (tiled[:24, :32] == px).all() and (tiled[:24, 32] == px[:, 31]).all()
+    baselines = ["avif"] if features.check("avif") else []
+    s = cli_speed([png], device="cpu", baselines=baselines, reps=1, large=(64, 48), batch_jobs=(1,),
+                  run_bdcodec=run_bdcodec)
+    assert [e["image"] for e in s["sizes"]] == ["32x24", "64x48"]
+    assert [a[0] for a in calls] == ["encode", "decode", "decode"] * 2 + ["encode"]
+    assert {a[a.index("--mode") + 1] for a in calls if "--mode" in a} == {"fidelity", "perceptual"}
+    assert calls[-1][calls[-1].index("-j") + 1] == "1" and "-o" in calls[-1]
+    for e in s["sizes"]:
+        assert all(e["bdcodec"][k] > 0 for k in ("enc_s_per_mp", "dec_fidelity_s_per_mp", "dec_perceptual_s_per_mp"))
+        for name in baselines:
+            assert set(e["ratios"][name]) == {"enc", "dec_fidelity", "dec_perceptual"} and e[name]["dec_s_per_mp"] > 0
+    assert s["batch"]["bdcodec"]["1"] > 0 and all(s["batch"][n]["1"] > 0 for n in baselines)
+    text = _report({"images": 1, "folder": "x", "notes": [], "bd": [], "speed": [], "curves": {}, "cli_speed": s})
+    assert "perceptual decode s/MP" in text and "mirror-tiled to 64x48" in text and "| bdcodec | " in text
+    assert ("| 64x48 | avif | " in text) == bool(baselines)

@@ -316,7 +316,7 @@ def test_fifo_outputs_are_written_in_place(run, shared_codec, tmp_path):
 
 
 def test_checks_run_before_any_model_work(run, no_model, tmp_path):
-    """Item 3: a missing output folder was reported 33 s into a decode, output == input after the encode."""
+    """a missing output folder was reported 33 s into a decode, output == input after the encode."""
     png = _tiny_png(tmp_path / "a.png")
     for args in [("encode", png, tmp_path / "missing" / "a.bdc"),
                  ("encode", png, png, "-f"),
@@ -468,3 +468,53 @@ def test_progress_shows_on_a_terminal_only(run, shared_codec, monkeypatch, tmp_p
     assert res.exit_code == 0 and "2/2" in res.stderr and "file" in res.stderr
     res = run("encode", *pngs, "-o", tmp_path / "quiet", "--quiet")
     assert res.exit_code == 0 and res.stderr == ""
+
+
+# -- issue 15: -j N worker processes --------------------------------------------------------------
+def test_jobs_encode_gives_the_same_bytes_and_reports_each_failure(run, shared_codec, tmp_path):
+    """`encode IN... -o DIR -j 2` codes in two worker processes: the bytes of -j 1, one line per failure."""
+    pngs = [_tiny_png(tmp_path / f"im{i}.png", i) for i in range(3)]
+    cut = tmp_path / "cut.png"  # a valid header: passes the checks, fails in a worker
+    cut.write_bytes(pngs[0].read_bytes()[:60])
+    text = tmp_path / "text.png"  # fails the checks, before any worker starts
+    text.write_text("not an image")
+    assert run("encode", *pngs, "-o", tmp_path / "one", "--device", "cpu").exit_code == 0
+    res = run("encode", pngs[0], cut, pngs[1], text, pngs[2], "-o", tmp_path / "two", "--device", "cpu",
+              "-j", "2", "-v")
+    assert res.exit_code == 1
+    lines = res.stderr.splitlines()
+    errors = [ln for ln in lines if ln.startswith("bdcodec: error:")]
+    assert len(errors) == 3 and "Traceback" not in res.stderr
+    assert any("cut.png" in ln for ln in errors) and any("text.png" in ln for ln in errors)
+    assert errors[-1] == "bdcodec: error: 2 of 5 files failed"
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["im0.bdc", "im1.bdc", "im2.bdc"]
+    for p in pngs:
+        assert (tmp_path / "two" / f"{p.stem}.bdc").read_bytes() == (tmp_path / "one" / f"{p.stem}.bdc").read_bytes()
+        assert any(ln.startswith(f"{p}: ") and " bpp, " in ln for ln in lines)  # the -v line
+    assert run("encode", pngs[0], tmp_path / "a.bdc", "--device", "cpu", "-j", "0").exit_code == 0  # one per core
+    assert run("encode", *pngs, "-o", tmp_path / "x", "-j", "-1").exit_code == 2
+    assert "-j, --jobs" in run("decode", "--help").output
+
+
+def test_jobs_decode_gives_the_same_images_and_checks_weights_first(run, shared_codec, tmp_path):
+    """`decode IN... -o DIR -j 2`: the images of -j 1 (the diffusion sampler's within one grey level, as
+    between --threads values); a file made with other weights is reported before any file is decoded, the
+    others are done."""
+    from bdcodec import container
+
+    pngs = [_tiny_png(tmp_path / f"im{i}.png", i) for i in range(3)]
+    bdcs = tmp_path / "bdc"
+    assert run("encode", *pngs, "-o", bdcs, "--device", "cpu").exit_code == 0
+    header, streams = container.unpack((bdcs / "im0.bdc").read_bytes())
+    alien = bdcs / "alien.bdc"
+    alien.write_bytes(container.pack(dataclasses.replace(header, weights_id="0badf00d"), streams))
+    files = [bdcs / f"im{i}.bdc" for i in range(3)]
+    assert run("decode", *files, "-o", tmp_path / "one", "--device", "cpu").exit_code == 0
+    res = run("decode", files[0], alien, *files[1:], "-o", tmp_path / "two", "--device", "cpu", "-j", "2")
+    assert res.exit_code == 1
+    errors = res.stderr.splitlines()
+    assert len(errors) == 2 and "alien.bdc" in errors[0] and "weights 0badf00d" in errors[0]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["im0.png", "im1.png", "im2.png"]
+    for i in range(3):
+        one = np.asarray(Image.open(tmp_path / "one" / f"im{i}.png"), dtype=int)
+        assert np.abs(np.asarray(Image.open(tmp_path / "two" / f"im{i}.png"), dtype=int) - one).max() <= 1
