@@ -72,7 +72,7 @@ TINY_PIXELS = 16 * 16
 TINY_STEP = 2.0
 PAD = 64
 TILE = 1024  # pixels per tile side for g_a / g_s on large images
-MARGIN = 128  # overlap in pixels around each tile
+MARGIN = 64  # overlap in pixels around each tile: g_a exact, g_s within 0.01 of a grey level on Kodak
 
 
 def cpu_count() -> int:
