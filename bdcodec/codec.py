@@ -439,13 +439,16 @@ class Codec:
             with _threads(self.threads):
                 cond = {"texture": self.model.texture(y_hat), "x_bar": x_bar * 2 - 1}
                 x0 = self.schedule.sample(denoiser, cond, cond["x_bar"], steps, temperature, gen)
-            out = (x0 + 1) / 2
+            del cond, y_hat  # large images: free the features before the refinement's arrays exist
+            pixels = self._to_uint8((x0 + 1) / 2, header.height, header.width)
+            del x0
         else:
-            out = x_bar
-        pixels = self._to_uint8(out, header.height, header.width)
+            pixels = self._to_uint8(x_bar, header.height, header.width)
+        base = self._to_uint8(x_bar, header.height, header.width) if ref is not None else None
+        del x_bar
         t2 = time.perf_counter()
         if ref is not None:
-            base = self._to_uint8(x_bar, header.height, header.width).astype(np.float64)
+            base = base.astype(np.float64)
             if mode == "perceptual":
                 residual = refine.project(ref, pixels.astype(np.float64) - base)
             else:
