@@ -47,7 +47,7 @@ def test_baselines_agree_with_independent_measurement(codec, setting, ref_name):
 
 
 def test_metrics_take_read_only_images_without_a_warning():
-    """Issue 13, item 11: decoded baselines are read-only arrays; torch.from_numpy warned about them."""
+    """Decoded baselines are read-only arrays; torch.from_numpy warned about them."""
     import warnings
 
     pytest.importorskip("pytorch_msssim")
@@ -63,7 +63,7 @@ def test_metrics_take_read_only_images_without_a_warning():
 
 
 def test_report_has_no_fid_columns_without_fid():
-    """Issue 13, item 11: FID/KID columns of "n/a" only cluttered the table when --fid was not asked for."""
+    """FID/KID columns of "n/a" only cluttered the table when --fid was not asked for."""
     from bdcodec.bench import _report
 
     summary = {"images": 1, "folder": "x", "notes": [], "bd": [], "speed": [],
@@ -74,7 +74,7 @@ def test_report_has_no_fid_columns_without_fid():
 
 
 def test_cli_speed_times_every_command_line_and_reports_ratios(codec, monkeypatch, tmp_path):
-    """Issue 15, item 5: s/MP of whole command-line runs at two sizes and batch images/s, against AVIF.
+    """S/MP of whole command-line runs at two sizes and batch images/s, against AVIF.
 
     Cheap: one tiny image, a small "large" size, one run each, and the bdcodec command lines run in
     this process on the session's codec (no timing is checked)."""

@@ -237,7 +237,7 @@ def test_ctrl_c_in_a_batch_leaves_no_partial_files(tmp_path):
         assert p.read_bytes()[:3] == b"BDC"
 
 
-# -- issue 13: never lose a file, checks before the work, rough edges ----------------------------
+# -- never lose a file, checks before the work, rough edges ----------------------------
 @pytest.fixture
 def shared_codec(monkeypatch, codec):
     """The CLI on the session's codec: the model is loaded once for these tests."""
@@ -265,7 +265,7 @@ def _tiny_png(path, seed=0, size=(24, 32)):
 
 
 def test_existing_outputs_are_never_replaced_without_force(run, shared_codec, tmp_path):
-    """Item 1: `encode a.png b.png` replaced the photo b.png; `decode a.bdc b.bdc` replaced b.bdc."""
+    """`encode a.png b.png` replaced the photo b.png; `decode a.bdc b.bdc` replaced b.bdc."""
     a, b = _tiny_png(tmp_path / "a.png", 0), _tiny_png(tmp_path / "b.png", 1)
     photo = b.read_bytes()
     res = run("encode", a, b)
@@ -300,7 +300,7 @@ def test_existing_outputs_are_never_replaced_without_force(run, shared_codec, tm
 
 
 def test_fifo_outputs_are_written_in_place(run, shared_codec, tmp_path):
-    """Item 2: rename-into-place replaced a device node (/dev/null as root) with a regular file."""
+    """rename-into-place replaced a device node (/dev/null as root) with a regular file."""
     import threading
 
     fifo = tmp_path / "pipe.bdc"
@@ -331,7 +331,7 @@ def test_checks_run_before_any_model_work(run, no_model, tmp_path):
 
 
 def test_batch_checks_every_file_before_coding_the_first(run, shared_codec, tmp_path):
-    """Item 3, batch mode: bad files (input, output, weights id) are reported before the first is coded."""
+    """Batch mode: bad files (input, output, weights id) are reported before the first is coded."""
     good1, good2 = _tiny_png(tmp_path / "good1.png", 1), _tiny_png(tmp_path / "good2.png", 2)
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
@@ -355,7 +355,7 @@ def test_batch_checks_every_file_before_coding_the_first(run, shared_codec, tmp_
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
 def test_outputs_follow_the_umask(run, shared_codec, tmp_path, umask, mode):
-    """Item 4: every output was created 0600 whatever the umask."""
+    """every output was created 0600 whatever the umask."""
     old = os.umask(umask)
     try:
         assert run("encode", _tiny_png(tmp_path / "a.png"), tmp_path / "a.bdc").exit_code == 0
@@ -367,7 +367,7 @@ def test_outputs_follow_the_umask(run, shared_codec, tmp_path, umask, mode):
 
 
 def test_messages_carry_no_object_reprs(run, no_model, tmp_path):
-    """Item 5: a text file named .png gave 'cannot identify image file <_io.BytesIO object at 0x...>'."""
+    """a text file named .png gave 'cannot identify image file <_io.BytesIO object at 0x...>'."""
     bad = tmp_path / "text.png"
     bad.write_text("hello\n")
     res = run("encode", bad, tmp_path / "o.bdc")
@@ -377,7 +377,7 @@ def test_messages_carry_no_object_reprs(run, no_model, tmp_path):
 
 
 def test_target_bpp_out_of_reach_warns_and_excludes_quality(run, shared_codec, tmp_path):
-    """Item 6: a missed --target-bpp passed silently; -q beside it was silently ignored."""
+    """a missed --target-bpp passed silently; -q beside it was silently ignored."""
     png = _tiny_png(tmp_path / "a.png")
     res = run("encode", png, tmp_path / "a.bdc", "--target-bpp", "0.01")
     assert res.exit_code == 0 and (tmp_path / "a.bdc").exists()
@@ -388,7 +388,7 @@ def test_target_bpp_out_of_reach_warns_and_excludes_quality(run, shared_codec, t
 
 
 def test_out_quality_sets_the_quality_of_lossy_outputs(run, shared_codec, small_png, tmp_path):
-    """Item 7: decoding to .jpg/.webp used Pillow's default quality with no way to choose it."""
+    """decoding to .jpg/.webp used Pillow's default quality with no way to choose it."""
     bdc = tmp_path / "a.bdc"
     assert run("encode", small_png, bdc, "-q", "60").exit_code == 0
     sizes = {}
@@ -401,7 +401,7 @@ def test_out_quality_sets_the_quality_of_lossy_outputs(run, shared_codec, small_
 
 
 def test_binary_output_to_a_terminal_is_refused(small_png):
-    """Item 8: `bdcodec encode x.png -` wrote binary data to the terminal."""
+    """`bdcodec encode x.png -` wrote binary data to the terminal."""
     import pty
 
     controller, terminal = pty.openpty()
@@ -421,7 +421,7 @@ def test_binary_output_to_a_terminal_is_refused(small_png):
 
 
 def test_broken_pipe_ends_quietly(monkeypatch, capfd):
-    """Item 8: `bdcodec encode x.png - | head -c 0` printed a BrokenPipeError traceback."""
+    """`bdcodec encode x.png - | head -c 0` printed a BrokenPipeError traceback."""
     import io
 
     from bdcodec import cli
@@ -441,13 +441,13 @@ def test_broken_pipe_ends_quietly(monkeypatch, capfd):
 
 
 def test_decode_help_says_the_default_mode_is_the_files(run):
-    """Item 9: `decode --help` called perceptual the default; a --tune fidelity file decodes in fidelity mode."""
+    """`decode --help` called perceptual the default; a --tune fidelity file decodes in fidelity mode."""
     text = " ".join(run("decode", "--help").output.split())
     assert "the mode stored in the file" in text and "--tune fidelity" in text
 
 
 def test_import_prints_no_warning():
-    """Item 11: `from bdcodec import Codec` printed a FutureWarning (torch.jit.script, from compressai's import)."""
+    """`from bdcodec import Codec` printed a FutureWarning (torch.jit.script, from compressai's import)."""
     probe = ("from bdcodec import Codec; import warnings\n"
              "assert not [f for f in warnings.filters if f[2] is FutureWarning]  # silenced at the import only")
     res = subprocess.run([sys.executable, "-W", "default", "-c", probe], capture_output=True, cwd=ROOT,
@@ -456,7 +456,7 @@ def test_import_prints_no_warning():
 
 
 def test_progress_shows_on_a_terminal_only(run, shared_codec, monkeypatch, tmp_path):
-    """Item 12: long work was silent; bars now go to stderr when it is a terminal, never with --quiet."""
+    """long work was silent; bars now go to stderr when it is a terminal, never with --quiet."""
     from bdcodec import cli
 
     pngs = [_tiny_png(tmp_path / f"{i}.png", i) for i in range(2)]
@@ -465,12 +465,12 @@ def test_progress_shows_on_a_terminal_only(run, shared_codec, monkeypatch, tmp_p
     monkeypatch.setattr(cli, "PROGRESS_DELAY", 0)
     monkeypatch.setattr(cli, "_stderr_is_tty", lambda: True)
     res = run("encode", *pngs, "-o", tmp_path / "tty")
-    assert res.exit_code == 0 and "2/2" in res.stderr and "file" in res.stderr
+    assert res.exit_code == 0 and "/2" in res.stderr and "file/s" in res.stderr  # the files bar, total 2
     res = run("encode", *pngs, "-o", tmp_path / "quiet", "--quiet")
     assert res.exit_code == 0 and res.stderr == ""
 
 
-# -- issue 15: -j N worker processes --------------------------------------------------------------
+# -- -j N worker processes --------------------------------------------------------------
 def test_jobs_encode_gives_the_same_bytes_and_reports_each_failure(run, shared_codec, tmp_path):
     """`encode IN... -o DIR -j 2` codes in two worker processes: the bytes of -j 1, one line per failure."""
     pngs = [_tiny_png(tmp_path / f"im{i}.png", i) for i in range(3)]

@@ -238,7 +238,7 @@ def test_tiled_transforms_match_untiled(codec, kodim23, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["fidelity", "perceptual"])
 def test_images_smaller_than_a_latent_position_come_back_faithful(codec, kodim23, mode):
-    """Issue 13, item 10: a 1x1 (200, 30, 40) decoded as (185, 64, 51); tiny images now get a fine refinement."""
+    """A 1x1 (200, 30, 40) decoded as (185, 64, 51); tiny images now get a fine refinement."""
     red = np.full((1, 1, 3), (200, 30, 40), np.uint8)
     out, _ = codec.decode(codec.encode(red, quality=0, mode=mode))
     assert np.abs(out.astype(int) - red).max() <= 3, out[0, 0]
@@ -249,7 +249,7 @@ def test_images_smaller_than_a_latent_position_come_back_faithful(codec, kodim23
 
 
 def test_progress_counts_tiles_and_diffusion_steps(codec, kodim23):
-    """Issue 13, item 12: encode and decode report their units of work to a tqdm-like bar."""
+    """Encode and decode report their units of work to a tqdm-like bar."""
 
     class Bar:
         total, n = None, 0

@@ -24,10 +24,19 @@ def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     m = BDCodecModel()
     wid = save_model(m, tmp_path / "w.safetensors", {"stages": []})
-    m2, meta = load_model(tmp_path / "w.safetensors")
+    m2, meta = load_model(tmp_path / "w.safetensors", trainable=True)
     assert meta["weights_id"] == wid and m2.cfg == m.cfg
+    assert list(m2.state_dict()) == list(m.state_dict())
     for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
         assert torch.equal(a, b), k
+    # the coding model keeps of the hyperprior only its tables, and needs no CompressAI
+    coder, _ = load_model(tmp_path / "w.safetensors")
+    full = m.state_dict()
+    kept = {k for k in coder.state_dict() if k.startswith("entropy_bottleneck.")}
+    assert kept == {f"entropy_bottleneck.{k}" for k in ("quantiles", "_offset", "_quantized_cdf", "_cdf_length")}
+    assert not any(k.startswith("gaussian.") for k in coder.state_dict())
+    for k, b in coder.state_dict().items():
+        assert torch.equal(full[k], b), k
 
 
 def test_bad_weights_files_are_refused_in_one_line(tmp_path):
@@ -55,7 +64,7 @@ def test_sharded_weights_join_and_refuse_missing_or_mixed_shards(tmp_path):
     for name in (tmp_path / "w.safetensors", shards[1]):  # the plain name or any shard
         m2, meta = load_model(name)
         assert meta["weights_id"] == wid
-        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+        assert all(torch.equal(m.state_dict()[k], b) for k, b in m2.state_dict().items())
     # a shard of other weights in the set is caught by the id check
     other = BDCodecModel()
     save_model(other, tmp_path / "o.safetensors", {"stages": []}, max_shard_bytes=8 * 2**20)
