@@ -146,7 +146,11 @@ def _write_output(path: str, data: bytes, force: bool) -> None:
 
     if path == "-":
         try:
-            sys.stdout.buffer.write(data)
+            # A buffered write that fails part-way returns the bytes it wrote instead of
+            # raising; writing the rest raises the error.
+            view = memoryview(data)
+            while view:
+                view = view[sys.stdout.buffer.write(view) or 0:]
             sys.stdout.buffer.flush()
         except BrokenPipeError:  # the reader left (`| head`): end quietly, as if by SIGPIPE
             with contextlib.suppress(OSError, ValueError):
@@ -530,9 +534,9 @@ _common = [
     click.option("-f", "--force", is_flag=True,
                  help="Replace existing output files, and write binary data to a terminal."),
     click.option("-j", "--jobs", "workers", type=click.IntRange(0), default=1, show_default=True, metavar="N",
-                 help="Code N files at a time, in N worker processes that each load the model and share the "
-                      "--threads (batch mode; 0: one per CPU core).  Files are the same bytes as with -j 1; "
-                      "decoded images as with --threads."),
+                 help="Code N files at a time, in N worker processes that each load the model and run on "
+                      "--threads / N threads (batch mode; 0: one per CPU core).  Files are the same bytes as "
+                      "with -j 1; a perceptual decode is that of --threads for the workers' share."),
     click.option("-v", "--verbose", is_flag=True, help="One line per file: bytes, bpp, seconds."),
     click.option("--quiet", is_flag=True, help="No progress bars and no warnings (errors are still printed)."),
 ]

@@ -218,7 +218,7 @@ def describe(data: bytes) -> str:
         f"quality:     {header.quality:g}"
         + (f" (latent rate level {header.level:g})" if header.level is not None else ""),
         f"weights id:  {header.weights_id}",
-        f"decode:      {header.mode} mode, {header.steps} steps, seed {header.seed}",
+        f"decode:      {header.mode} mode, {header.steps} step{'s' if header.steps != 1 else ''}, seed {header.seed}",
         f"streams:     z {len(streams.z)} B, y {len(streams.y)} B, escapes {len(streams.escapes)} B, "
         f"header+checks {overhead} B",
         f"refinement:  {refine}",

@@ -10,7 +10,7 @@ from PIL import Image
 
 from bdcodec.cli import main
 
-from .conftest import ROOT
+from .conftest import EXAMPLES, ROOT
 
 
 @pytest.fixture
@@ -438,6 +438,20 @@ def test_broken_pipe_ends_quietly(monkeypatch, capfd):
         cli._write_output("-", b"BDC" * 10_000, False)
     assert exc.value.code == 141
     assert capfd.readouterr().err == ""
+
+
+
+def test_a_reader_that_leaves_early_is_an_error_not_a_success(tmp_path):
+    """`bdcodec decode f.bdc - | head -c 10` exited 0: the buffered write stopped after 64 KiB without an error."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    bdc = tmp_path / "k.bdc"
+    assert subprocess.run([sys.executable, "-m", "bdcodec", "encode", str(EXAMPLES[-1]), str(bdc), "-q", "0"],
+                          env=env, timeout=300).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "bdcodec", "decode", str(bdc), "-", "--mode", "fidelity"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.read(10)[:4] == b"\x89PNG"
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 141 and proc.stderr.read() == b""  # 128 + SIGPIPE, quietly
 
 
 def test_decode_help_says_the_default_mode_is_the_files(run):
