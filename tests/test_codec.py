@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from bdcodec import container
-from bdcodec.bench import psnr
+from bdcodec.metrics import psnr
 from bdcodec.errors import BdcError
 from bdcodec.model import pad_to
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from bdcodec import container
-from bdcodec.bench import psnr
+from bdcodec.metrics import psnr
 
 from .conftest import ROOT
 

