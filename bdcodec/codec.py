@@ -442,9 +442,9 @@ class Codec:
             del cond, y_hat  # large images: free the features before the refinement's arrays exist
             pixels = self._to_uint8((x0 + 1) / 2, header.height, header.width)
             del x0
+            base = self._to_uint8(x_bar, header.height, header.width) if ref is not None else None
         else:
-            pixels = self._to_uint8(x_bar, header.height, header.width)
-        base = self._to_uint8(x_bar, header.height, header.width) if ref is not None else None
+            pixels = base = self._to_uint8(x_bar, header.height, header.width)
         del x_bar
         t2 = time.perf_counter()
         if ref is not None:

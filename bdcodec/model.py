@@ -23,8 +23,6 @@ import json
 import math
 import warnings
 
-import numpy as np
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -110,14 +108,6 @@ class HyperTables(nn.Module):
         self.register_buffer("_offset", torch.zeros(0, dtype=torch.int32))
         self.register_buffer("_quantized_cdf", torch.zeros(0, dtype=torch.int32))
         self.register_buffer("_cdf_length", torch.zeros(0, dtype=torch.int32))
-
-    def medians(self) -> torch.Tensor:
-        return self.quantiles[:, 0, 1]
-
-    def tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(cdfs (C, L) int64, cdf lengths (C,), offsets (C,)) as numpy arrays."""
-        return (self._quantized_cdf.numpy().astype(np.int64), self._cdf_length.numpy().astype(np.int64),
-                self._offset.numpy().astype(np.int64))
 
 
 class BDCodecModel(nn.Module):
