@@ -139,7 +139,7 @@ def _load_rgb(path) -> np.ndarray:
 
 # -- the run ----------------------------------------------------------------------------------
 def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed,
-              fid=False):
+              fid=False, efforts=(0,)):
     from .codec import Codec
     from .train import list_images
 
@@ -178,19 +178,20 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
     codec = None
     if "bdcodec" in codecs:
         codec = Codec(weights, device)
-        pb = bar(len(images) * len(qs), "bdcodec")
+        pb = bar(len(images) * len(qs) * len(efforts), "bdcodec")
         for p in images:
             ref = refs[p.name]
-            for q in qs:
+            for q, effort in ((q, e) for e in efforts for q in qs):
                 for mode in modes:  # each mode decodes a file made for it (Codec.plan)
                     t0 = time.perf_counter()
-                    data = codec.encode(ref, quality=q, mode=mode)
+                    data = codec.encode(ref, quality=q, mode=mode, effort=effort)
                     enc_s = time.perf_counter() - t0
                     ent_s = codec.timings.get("entropy_model", 0) + codec.timings.get("rans", 0)
                     t0 = time.perf_counter()
                     out, _ = codec.decode(data, mode=mode)
                     dec_s = time.perf_counter() - t0
-                    row = {"codec": f"bdcodec-{mode}", "setting": q, "image": p.name, "bytes": len(data),
+                    name = f"bdcodec-{mode}" + (f"-e{effort}" if effort else "")
+                    row = {"codec": name, "setting": q, "image": p.name, "bytes": len(data),
                            "pixels": ref.shape[0] * ref.shape[1], "enc_s": enc_s, "dec_s": dec_s,
                            "entropy_s": ent_s + codec.timings.get("entropy_decode", 0)}
                     row.update(metrics(ref, out))
@@ -240,7 +241,7 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
                 if pt["setting"] == setting:
                     pt.update(sc)
     summary = {"images": len(images), "folder": str(folder), "notes": notes, "curves": curves,
-               "bd": _bd_table(curves), "speed": _speed(rows)}
+               "bd": _bd_table(curves), "effort": _effort_table(curves, rows), "speed": _speed(rows)}
     if speed and codec is not None:
         summary["elic"] = _elic_speed(codec, refs[images[0].name])
         baselines = [n for n in SPEED_BASELINES if n in codecs and not _baseline_available(n)]
@@ -294,6 +295,27 @@ def _bd_table(curves) -> list[dict]:
                 row["bd_lpips"] = bd_quality(r1, np.array([p["lpips"] for p in ref]),
                                              r2, np.array([p["lpips"] for p in pts]))
             table.append(row)
+    return table
+
+
+def _effort_table(curves, rows) -> list[dict]:
+    """Each effort's BD-rates against effort 0 of the same mode, and its encode seconds per image."""
+    table = []
+    for name, pts in curves.items():
+        base, _, effort = name.partition("-e")
+        if not name.startswith("bdcodec") or base not in curves:
+            continue
+        ref = curves[base]
+        r1, r2 = np.array([p["bpp"] for p in ref]), np.array([p["bpp"] for p in pts])
+        row = {"codec": base, "effort": int(effort or 0)}
+        for key in ("psnr", "msssim_db", "lpips"):
+            if all(key in p for p in ref + pts):
+                sign = -1 if key == "lpips" else 1  # lower LPIPS is better
+                row[f"bd_rate_{key}"] = bd_rate(r1, sign * np.array([p[key] for p in ref]),
+                                                r2, sign * np.array([p[key] for p in pts]))
+        row["enc_s"] = float(np.mean([r["enc_s"] for r in rows if r["codec"] == name]))
+        row["enc_s_effort0"] = float(np.mean([r["enc_s"] for r in rows if r["codec"] == base]))
+        table.append(row)
     return table
 
 
@@ -550,6 +572,13 @@ def _report(summary) -> str:
     for r in summary["bd"]:
         lines.append(f"| {r['codec']} | {r['against']} | {_fmt(r.get('bd_rate_psnr'), '+.1f')} | "
                      f"{_fmt(r.get('bd_rate_msssim'), '+.1f')} | {_fmt(r.get('bd_lpips'), '+.4f')} |")
+    if summary.get("effort"):
+        lines += ["", "| bdcodec | effort | BD-rate PSNR % vs effort 0 | MS-SSIM % | LPIPS % | encode s/image |",
+                  "|---|---|---|---|---|---|"]
+        for r in summary["effort"]:
+            lines.append(f"| {r['codec']} | {r['effort']} | {_fmt(r.get('bd_rate_psnr'), '+.2f')} | "
+                         f"{_fmt(r.get('bd_rate_msssim_db'), '+.2f')} | {_fmt(r.get('bd_rate_lpips'), '+.2f')} | "
+                         f"{r['enc_s']:.2f} (effort 0: {r['enc_s_effort0']:.2f}) |")
     lines += ["", "| codec | encode ms/MP | decode ms/MP | entropy-coding share |", "|---|---|---|---|"]
     for r in summary["speed"]:
         lines.append(f"| {r['codec']} | {r['enc_ms_per_mp']:.1f} | {r['dec_ms_per_mp']:.1f} | "

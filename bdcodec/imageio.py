@@ -15,7 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BdcError
 
-__all__ = ["read_image", "probe_image", "error_reason", "write_image", "output_format", "write_output", "atomic_write"]
+__all__ = ["read_image", "read_mask", "probe_image", "error_reason", "write_image", "output_format", "write_output",
+           "atomic_write"]
 
 Image.MAX_IMAGE_PIXELS = None  # bdcodec applies its own --max-pixels limit
 MAX_SIDE = 1 << 20  # the .bdc container's limit
@@ -52,6 +53,33 @@ def _check_size(width: int, height: int, name: str, max_pixels: int | None) -> N
         raise BdcError(f"{name}: {width}x{height} is above the limit of {max_pixels} pixels")
     if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
         raise BdcError(f"{name}: {width}x{height} is beyond the largest side of {MAX_SIDE} pixels")
+
+
+def read_mask(path: str | os.PathLike, size: tuple[int, int], name: str = "mask") -> np.ndarray:
+    """A region-of-interest mask: any image Pillow opens, as (H, W) float in 0..1 of its luma.
+
+    ``size`` is the (width, height) of the image it belongs to (after its EXIF
+    orientation; the mask's own orientation is applied too).  Raises :class:`BdcError`
+    when it cannot be read or its size differs.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                if im.size[0] * im.size[1] > 4 * size[0] * size[1] + 1:  # do not decode a huge wrong file
+                    raise BdcError(f"{name} is {im.width}x{im.height}, the image {size[0]}x{size[1]}")
+                im = ImageOps.exif_transpose(im)
+                if im.size != tuple(size):
+                    raise BdcError(f"{name} is {im.width}x{im.height}, the image {size[0]}x{size[1]}")
+                if im.mode.startswith("I"):  # 16-bit
+                    return np.clip(np.asarray(im.convert("F"), dtype=np.float64) / 65535.0, 0, 1)
+                if im.mode == "F":
+                    return np.clip(np.asarray(im, dtype=np.float64), 0, 1)
+                return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
+    except BdcError:
+        raise
+    except Exception as exc:
+        raise BdcError(f"{name}: cannot read image ({error_reason(exc)})") from None
 
 
 def read_image(data: bytes, name: str = "input", max_pixels: int | None = None) -> tuple[np.ndarray, bool, list[str]]:

@@ -49,6 +49,7 @@ BLOCK = 8
 DIAGONALS = 2 * BLOCK - 1
 MAG = 24  # magnitude alphabet: 0 .. MAG-2 literal, MAG-1 escape
 ESC_BITS = 12
+RDO_PASSES = 2
 MAX_CLASSES = 3
 ROUNDING = 1 / 3  # dead zone: |a| < 1 - ROUNDING quantizes to 0
 DEFAULT_CHROMA = 1.25
@@ -129,6 +130,15 @@ def block_activity(activity: np.ndarray, height: int, width: int, cell: int) -> 
     return activity[ys[:, None], xs[None, :]].ravel().astype(np.int64)
 
 
+def block_means(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Mean of an (H, W) map over each block (partial blocks: over their pixels)."""
+    by, bx = _grid(height, width)
+    pad = np.pad(np.asarray(values, dtype=np.float64), ((0, by * BLOCK - height), (0, bx * BLOCK - width)))
+    ones = np.pad(np.ones((height, width)), ((0, by * BLOCK - height), (0, bx * BLOCK - width)))
+    sums = pad.reshape(by, BLOCK, bx, BLOCK).sum((1, 3))
+    return (sums / ones.reshape(by, BLOCK, bx, BLOCK).sum((1, 3))).ravel()
+
+
 def _classes(act: np.ndarray, thresholds: list[int]) -> np.ndarray:
     cls = np.zeros(act.shape, dtype=np.int64)
     for t in thresholds:
@@ -172,29 +182,8 @@ def _fit(q: np.ndarray, bands: np.ndarray, n_bands: int) -> tuple[np.ndarray, np
     return pbyte, tbyte, float(total)
 
 
-def quantize(coef: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    a = coef / steps[:, None, None]
-    return (np.sign(a) * np.floor(np.abs(a) + ROUNDING)).astype(np.int32)
-
-
-def _steps(step16: int, chroma16: int) -> np.ndarray:
-    step = step16 / 16
-    return np.array([step, step * chroma16 / 16, step * chroma16 / 16])
-
-
-def encode(residual: np.ndarray, step: float, activity: np.ndarray, chroma: float = DEFAULT_CHROMA,
-           edge: bool = False) -> tuple[bytes, Refinement]:
-    """Code an (H, W, 3) residual in 0..255 units; ``activity`` is one integer per block.
-
-    ``edge`` pads partial blocks by repetition instead of zeros (see ``_forward``): a
-    block holding one pixel then needs its DC coefficient only.  Returns the payload
-    and the refinement the decoder will see.
-    """
-    h, w, _ = residual.shape
-    step16 = int(np.clip(round(step * 16), _MIN_STEP16, 65535))
-    chroma16 = int(np.clip(round(chroma * 16), 16, 255))
-    steps = _steps(step16, chroma16)
-    q = quantize(_forward(np.asarray(residual, dtype=np.float64), edge), steps)
+def _best_model(q: np.ndarray, activity: np.ndarray) -> tuple:
+    """(bits, K, thresholds, bands, p bytes, theta bytes) of the cheapest class split for ``q``."""
     best = None
     tried = set()
     for classes in range(1, MAX_CLASSES + 1):
@@ -204,14 +193,86 @@ def encode(residual: np.ndarray, step: float, activity: np.ndarray, chroma: floa
         if k in tried:
             continue
         tried.add(k)
-        cls = _classes(activity, thresholds)
-        n_bands = 3 * DIAGONALS * k
-        bands = _band_ids(cls, k)
-        pbyte, tbyte, bits = _fit(q, bands, n_bands)
+        bands = _band_ids(_classes(activity, thresholds), k)
+        pbyte, tbyte, bits = _fit(q, bands, 3 * DIAGONALS * k)
         if best is None or bits < best[0]:
             best = (bits, k, thresholds, bands, pbyte, tbyte)
-    _, k, thresholds, bands, pbyte, tbyte = best
+    return best
 
+
+def _rdo_quantize(a: np.ndarray, q: np.ndarray, bands: np.ndarray, pbyte: np.ndarray, tbyte: np.ndarray,
+                  weight: np.ndarray, lam: float) -> np.ndarray:
+    """Rate-distortion optimised levels for the scaled coefficients ``a`` (3, blocks, 64).
+
+    Each coefficient takes, of its nearest level, the level one nearer zero and zero,
+    the one with the least ``weight * (a - level)^2 + lam * bits``, the bits counted
+    under the band models fitted to the current levels ``q`` (a dead band is priced
+    as if it held one coefficient in 256).  Decoders need nothing of this: the levels
+    are coded as any others.
+    """
+    p = np.where(pbyte > 0, pbyte, 1)[bands] / 256
+    zero_bits = np.where(pbyte[bands] > 0, -np.log2(1 - p), 0.0)
+    one_bits = -np.log2(p) + 1  # significance and sign
+    mag_bits = _MAG_BITS[tbyte[bands]]  # (3, blocks, 64, MAG)
+    w = weight
+
+    def cost(level: np.ndarray) -> np.ndarray:
+        m = np.abs(level)
+        extra = np.take_along_axis(mag_bits, np.minimum(np.maximum(m - 1, 0), MAG - 1)[..., None], -1)[..., 0]
+        bits = np.where(m == 0, zero_bits, one_bits + extra + np.where(m - 1 >= MAG - 1, ESC_BITS, 0))
+        return w * (a - level) ** 2 + lam * bits
+
+    near = np.round(a).astype(np.int32)
+    lower = near - np.sign(near).astype(np.int32)
+    cands = (near, lower, np.zeros_like(near))
+    costs = np.stack([cost(c) for c in cands])
+    choice = costs.argmin(0)
+    return np.choose(choice, cands).astype(np.int32)
+
+
+def quantize(coef: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    return quantize_scaled(coef / steps[:, None, None])
+
+
+def quantize_scaled(a: np.ndarray) -> np.ndarray:
+    """Dead-zone levels of coefficients already divided by their steps."""
+    return (np.sign(a) * np.floor(np.abs(a) + ROUNDING)).astype(np.int32)
+
+
+def _steps(step16: int, chroma16: int) -> np.ndarray:
+    step = step16 / 16
+    return np.array([step, step * chroma16 / 16, step * chroma16 / 16])
+
+
+def encode(residual: np.ndarray, step: float, activity: np.ndarray, chroma: float = DEFAULT_CHROMA,
+           edge: bool = False, rdo: float = 0.0, block_weight: np.ndarray | None = None
+           ) -> tuple[bytes, Refinement]:
+    """Code an (H, W, 3) residual in 0..255 units; ``activity`` is one integer per block.
+
+    ``edge`` pads partial blocks by repetition instead of zeros (see ``_forward``): a
+    block holding one pixel then needs its DC coefficient only.  ``rdo`` > 0 picks
+    each coefficient's level by rate and distortion (see ``_rdo_quantize``; rdo is
+    the price of a bit in luma squared steps), with the distortion of block ``i``
+    weighed by ``block_weight[i]`` (regions of interest).  Returns the payload and
+    the refinement the decoder will see.
+    """
+    h, w, _ = residual.shape
+    step16 = int(np.clip(round(step * 16), _MIN_STEP16, 65535))
+    chroma16 = int(np.clip(round(chroma * 16), 16, 255))
+    steps = _steps(step16, chroma16)
+    a = _forward(np.asarray(residual, dtype=np.float64), edge) / steps[:, None, None]
+    q = quantize_scaled(a)
+    model = _best_model(q, activity)
+    if rdo > 0:
+        # the weight of each coefficient's squared error (in steps) in the RGB squared error
+        weight = ((_RGB**2).sum(0) * steps**2)[:, None, None]
+        lam = rdo * weight[0, 0, 0]
+        if block_weight is not None:
+            weight = weight * np.asarray(block_weight, dtype=np.float64)[None, :, None]
+        for _ in range(RDO_PASSES):
+            q = _rdo_quantize(a, q, model[3], model[4], model[5], weight, lam)
+            model = _best_model(q, activity)
+    _, k, thresholds, bands, pbyte, tbyte = model
     head = bytearray(struct.pack("<HBB", step16, chroma16, k))
     for i, t in enumerate(thresholds):
         _varint(t - (thresholds[i - 1] if i else 0), head)

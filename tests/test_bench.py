@@ -138,3 +138,18 @@ def test_perceptual_decodes_carry_no_more_periodic_structure_than_the_original(c
     photo = np.asarray(Image.open(EXAMPLES[0]).convert("RGB"))
     out, _ = codec.decode(codec.encode(photo, quality=0))
     assert periodic_structure(out) <= 1.5 * periodic_structure(photo)
+
+
+def test_effort_table_compares_each_effort_with_effort_0_of_its_mode():
+    from bdcodec.bench import _curves, _effort_table
+
+    rows = []
+    for name, gain, secs in (("bdcodec-fidelity", 0.0, 1.0), ("bdcodec-fidelity-e3", 0.3, 4.0)):
+        for q, (bpp, db) in enumerate([(0.2, 27.0), (0.4, 29.0), (0.8, 32.0), (1.6, 36.0)]):
+            rows.append({"codec": name, "setting": q, "image": "a.png", "bpp": bpp,
+                         "psnr": db + gain, "enc_s": secs})
+    table = _effort_table(_curves(rows), rows)
+    assert [(r["codec"], r["effort"]) for r in table] == [("bdcodec-fidelity", 0), ("bdcodec-fidelity", 3)]
+    assert table[0]["bd_rate_psnr"] == pytest.approx(0, abs=1e-9)
+    assert -10 < table[1]["bd_rate_psnr"] < -2  # +0.3 dB everywhere on a curve of about 7-14 % per 0.3 dB
+    assert (table[1]["enc_s"], table[1]["enc_s_effort0"]) == (4.0, 1.0)

@@ -1,0 +1,104 @@
+"""Encoder effort (latent fitting) and regions of interest."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bdcodec import container
+from bdcodec.metrics import psnr
+
+from .conftest import ROOT
+from .test_cli import _one_error_line, _tiny_png, no_model, run, shared_codec  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def crop(kodim23):
+    return np.ascontiguousarray(kodim23[64:320, 160:544])  # 384 x 256: both parrots' heads
+
+
+def _cost(codec, pixels, data, level):
+    """The rate-distortion cost the fitting lowers: bits + 255^2 * lambda * SSE / 3 (training's loss x pixels)."""
+    out, _ = codec.decode(data, mode="fidelity")
+    sse = ((out.astype(np.float64) - pixels) ** 2).sum() / 255**2
+    return 8 * len(data) + codec.model.lmbda(level) * 255**2 * sse / 3
+
+
+@pytest.mark.parametrize("quality", [0.0, 40.0])
+def test_effort_lowers_the_rate_distortion_cost_and_files_decode_as_before(codec, crop, quality):
+    level, _ = codec.plan(quality, "fidelity")
+    plain = codec.encode(crop, quality=quality, mode="fidelity")
+    fitted = codec.encode(crop, quality=quality, mode="fidelity", effort=3)
+    assert fitted != plain
+    assert codec.encode(crop, quality=quality, mode="fidelity", effort=3) == fitted  # deterministic
+    h_plain, _ = container.unpack(plain)
+    h_fitted, _ = container.unpack(fitted)
+    assert (h_fitted.version, h_fitted.level, h_fitted.quality) == (h_plain.version, h_plain.level, h_plain.quality)
+    assert _cost(codec, crop, fitted, level) < _cost(codec, crop, plain, level)
+
+
+def test_effort_is_checked(codec, crop):
+    from bdcodec.codec import BdcError
+
+    for effort in (-1, 10):
+        with pytest.raises(BdcError, match="effort"):
+            codec.encode(crop, effort=effort)
+
+
+def test_target_bpp_with_effort_stays_within_budget(codec, crop):
+    data = codec.encode(crop, target_bpp=0.5, mode="fidelity", effort=2)
+    bpp = 8 * len(data) / (crop.shape[0] * crop.shape[1])
+    assert 0.4 <= bpp <= 0.5
+
+
+def _mask(crop):
+    full = np.asarray(Image.open(ROOT / "examples" / "roi" / "kodim23.png")) > 127
+    return full[64:320, 160:544]
+
+
+def _masked_psnr(a, b, m):
+    return 10 * np.log10(255**2 / ((a.astype(np.float64) - b) ** 2)[m].mean())
+
+
+def test_region_of_interest_gets_the_bits_at_equal_size(codec, crop):
+    mask = _mask(crop)
+    assert 0.1 < mask.mean() < 0.5
+    roi = codec.encode(crop, quality=75, mode="fidelity", roi=mask.astype(np.float32))
+    plain = codec.encode(crop, target_bpp=8 * len(roi) / mask.size, mode="fidelity", effort=2)
+    assert len(plain) <= len(roi) <= 1.08 * len(plain)
+    a, _ = codec.decode(roi, mode="fidelity")
+    b, _ = codec.decode(plain, mode="fidelity")
+    assert _masked_psnr(crop, a, mask) > _masked_psnr(crop, b, mask) + 1.5
+    assert _masked_psnr(crop, a, ~mask) < _masked_psnr(crop, b, ~mask)
+
+
+def test_region_of_interest_mask_is_checked(codec, crop):
+    from bdcodec.codec import BdcError
+
+    with pytest.raises(BdcError, match="mask is 10x10"):
+        codec.encode(crop, roi=np.ones((10, 10)))
+    with pytest.raises(BdcError, match="roi weight"):
+        codec.encode(crop, roi=np.ones(crop.shape[:2]), roi_weight=0.5)
+
+
+def test_cli_effort_and_roi(run, shared_codec, tmp_path):
+    png = tmp_path / "a.png"
+    px = np.asarray(Image.open(ROOT / "examples" / "kodim23.png").convert("RGB"))[64:192, 160:352]
+    Image.fromarray(np.ascontiguousarray(px)).save(png)
+    mask = tmp_path / "m.png"
+    Image.fromarray(((_mask(None)[:128, :192]) * 255).astype(np.uint8)).save(mask)
+    res = run("encode", png, tmp_path / "a.bdc", "--effort", 2, "--roi", mask, "--roi-weight", 4, "-q", 60)
+    assert res.exit_code == 0, res.output
+    assert run("decode", tmp_path / "a.bdc", tmp_path / "a.out.png").exit_code == 0
+
+
+def test_cli_refuses_bad_effort_and_roi_before_any_model_work(run, no_model, tmp_path):
+    png = _tiny_png(tmp_path / "a.png")
+    wrong = _tiny_png(tmp_path / "wrong.png", size=(10, 10))
+    res = run("encode", png, tmp_path / "a.bdc", "--roi", wrong)
+    assert res.exit_code == 1
+    _one_error_line(res)
+    assert "--roi mask is 10x10, the image 32x24" in res.stderr
+    for args in (("--effort", 10), ("--roi-weight", 4), ("--roi", tmp_path / "none.png")):
+        res = run("encode", png, tmp_path / "a.bdc", *args)
+        assert res.exit_code == 2, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "wrong.png"]
