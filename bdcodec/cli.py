@@ -615,10 +615,10 @@ def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, e
 
     def check(src, dst):
         data = _source(src)
-        size = probe_image(src if data is None else data, _name(src), max_pixels)
-        if roi_path is not None:  # sizes before EXIF orientation: read_mask compares them after
-            mask = probe_image(roi_path, f"{_name(src)}: --roi mask {roi_path}")
-            if mask not in (size, size[::-1]):
+        size = probe_image(src if data is None else data, _name(src), max_pixels, oriented=roi_path is not None)
+        if roi_path is not None:
+            mask = probe_image(roi_path, f"{_name(src)}: --roi mask {roi_path}", oriented=True)
+            if mask != size:
                 raise BdcError(f"{_name(src)}: --roi mask is {mask[0]}x{mask[1]}, the image {size[0]}x{size[1]}")
         return data
 

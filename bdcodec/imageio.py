@@ -31,21 +31,23 @@ def error_reason(exc: Exception) -> str:
     return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text)
 
 
-def probe_image(data: bytes | str | os.PathLike, name: str = "input", max_pixels: int | None = None
-                ) -> tuple[int, int]:
+def probe_image(data: bytes | str | os.PathLike, name: str = "input", max_pixels: int | None = None,
+                oriented: bool = False) -> tuple[int, int]:
     """(width, height) from an image's header, raising :class:`BdcError` when it cannot be coded.
 
     Reads only the header: cheap enough to check every input of a batch before any work.
+    With ``oriented``, the size after the EXIF orientation (as ``read_image`` returns it).
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
                 size = im.size
+                turned = oriented and im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
     except Exception as exc:
         raise BdcError(f"{name}: cannot read image ({error_reason(exc)})") from None
     _check_size(*size, name, max_pixels)
-    return size
+    return size[::-1] if turned else size
 
 
 def _check_size(width: int, height: int, name: str, max_pixels: int | None) -> None:
