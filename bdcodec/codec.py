@@ -52,9 +52,6 @@ DEFAULT_QUALITY = 75.0
 # take 3x the time of one; files carry their own default, and --steps overrides it.
 DEFAULT_STEPS = 1
 DEFAULT_TEMPERATURE = 0.5
-# Regions of interest in the refinement layer: levels chosen by rate and distortion
-# (see refine.encode) at ROI_RDO, the price of a bit in squared steps.
-ROI_RDO = 0.1
 # The latent fit minimises the fidelity reconstruction's error.  Files made for the
 # diffusion decoder gain PSNR from it at every rate, and LPIPS from rate level 1 up
 # (kodim04/13/19/23, effort 3, qualities 25/50/70: LPIPS -0.007 to +0.001, PSNR +0.04
@@ -456,7 +453,7 @@ class Codec:
         if block_weight is None:
             payload, ref = refine.encode(residual, step, act, edge=edge)
         else:
-            payload, ref = refine.encode(residual, step, act, edge=edge, rdo=ROI_RDO * block_weight.max(),
+            payload, ref = refine.encode(residual, step, act, edge=edge, rdo=refine.RDO_PRICE * block_weight.max(),
                                          block_weight=block_weight)
         self.timings["refine"] = self.timings.get("refine", 0.0) + time.perf_counter() - t0
         return payload if ref.q.any() else b""

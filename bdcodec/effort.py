@@ -125,43 +125,43 @@ class _DctCost:
 
     The residual x - x_bar is cut into the refinement layer's 8x8 YCbCr DCT blocks.
     Coefficients the dead zone will zero keep their squared error, priced at the
-    refinement step's exchange rate of RGB squared error for bits (RDO x 3 x step^2,
-    as ``refine.encode``); coded ones cost about log2(2|a|) + 2 bits (a: the
-    coefficient in steps) and a quantization error that does not depend on x_bar.
+    refinement step's exchange rate of RGB squared error for bits (refine.RDO_PRICE
+    x 3 x step^2, as ``refine.encode``); coded ones cost about log2(2|a|) + 2 bits
+    (a: the coefficient in steps) and a quantization error that does not depend on
+    x_bar.
     """
-
-    RDO = 0.1
 
     def __init__(self, x, step: float, weight, height: int, width: int):
         import torch
 
         from . import refine
 
+        dev = x.device
         self.x = x.float()
+        self.dead_zone = 1 - refine.ROUNDING
         basis = torch.from_numpy(refine._DCT).float()
-        self.basis = torch.einsum("ui,vj->uvij", basis, basis).reshape(64, 1, 8, 8)
-        self.ycc = torch.from_numpy(refine._YCC).float()
+        self.basis = torch.einsum("ui,vj->uvij", basis, basis).reshape(64, 1, 8, 8).to(dev)
+        self.ycc = torch.from_numpy(refine._YCC).float().to(dev)
         chroma = refine.DEFAULT_CHROMA
-        self.steps = torch.tensor([step, step * chroma, step * chroma]).view(1, 3, 1, 1, 1)
-        rgb = torch.from_numpy((refine._RGB**2).sum(0)).float().view(1, 3, 1, 1, 1)
-        self.price = rgb * self.steps**2 / (self.RDO * 3 * step**2)  # bits per squared step of error
-        inside = torch.zeros(1, 1, *x.shape[-2:])
-        inside[..., :height, :width] = 1
-        self.inside = inside.to(x.device)
+        self.steps = torch.tensor([step, step * chroma, step * chroma], device=dev).view(1, 3, 1, 1, 1)
+        rgb = torch.from_numpy((refine._RGB**2).sum(0)).float().to(dev).view(1, 3, 1, 1, 1)
+        self.price = rgb * self.steps**2 / (refine.RDO_PRICE * 3 * step**2)  # bits per squared step of error
+        self.inside = torch.zeros(1, 1, *x.shape[-2:], device=dev)
+        self.inside[..., :height, :width] = 1
         # per-block weight of the squared error (regions of interest), blocks from the image's corner
-        self.block_weight = torch.nn.functional.avg_pool2d(weight * height * width / (x.shape[-1] * x.shape[-2]), 8)
+        scale = height * width / (x.shape[-1] * x.shape[-2])
+        self.block_weight = torch.nn.functional.avg_pool2d(weight * scale, 8).unsqueeze(1)
 
     def __call__(self, x_bar):
         import torch
 
-        r = (self.x - x_bar) * 255 * self.inside
-        r = torch.einsum("ck,bkhw->bchw", self.ycc.to(r.device), r)
+        r = torch.einsum("ck,bkhw->bchw", self.ycc, (self.x - x_bar) * 255 * self.inside)
         b, c, h, w = r.shape
-        coef = torch.nn.functional.conv2d(r.reshape(b * c, 1, h, w), self.basis.to(r.device), stride=8)
-        a = coef.reshape(b, c, 64, h // 8, w // 8) / self.steps.to(r.device)
-        zeroed = (a.abs() < 1 - 1 / 3).detach()
-        cost = torch.where(zeroed, self.price.to(r.device) * a.square(), torch.log2(2 * a.abs() + 1e-6) + 2)
-        return (cost * self.block_weight.to(r.device).unsqueeze(1)).sum()
+        coef = torch.nn.functional.conv2d(r.reshape(b * c, 1, h, w), self.basis, stride=8)
+        a = coef.reshape(b, c, 64, h // 8, w // 8) / self.steps
+        zeroed = (a.abs() < self.dead_zone).detach()
+        cost = torch.where(zeroed, self.price * a.square(), torch.log2(2 * a.abs() + 1e-6) + 2)
+        return (cost * self.block_weight).sum()
 
 
 def x_layout(x):

@@ -50,6 +50,10 @@ DIAGONALS = 2 * BLOCK - 1
 MAG = 24  # magnitude alphabet: 0 .. MAG-2 literal, MAG-1 escape
 ESC_BITS = 12
 RDO_PASSES = 2
+# The price of a bit in squared luma steps of error, for choices made by rate and
+# distortion (``encode(rdo=)``, and the encoder's latent fit, which prices the error the
+# layer leaves the same way).
+RDO_PRICE = 0.1
 MAX_CLASSES = 3
 ROUNDING = 1 / 3  # dead zone: |a| < 1 - ROUNDING quantizes to 0
 DEFAULT_CHROMA = 1.25
@@ -134,9 +138,10 @@ def block_means(values: np.ndarray, height: int, width: int) -> np.ndarray:
     """Mean of an (H, W) map over each block (partial blocks: over their pixels)."""
     by, bx = _grid(height, width)
     pad = np.pad(np.asarray(values, dtype=np.float64), ((0, by * BLOCK - height), (0, bx * BLOCK - width)))
-    ones = np.pad(np.ones((height, width)), ((0, by * BLOCK - height), (0, bx * BLOCK - width)))
     sums = pad.reshape(by, BLOCK, bx, BLOCK).sum((1, 3))
-    return (sums / ones.reshape(by, BLOCK, bx, BLOCK).sum((1, 3))).ravel()
+    rows = np.minimum(height - np.arange(by) * BLOCK, BLOCK)  # pixels of each block row and column
+    cols = np.minimum(width - np.arange(bx) * BLOCK, BLOCK)
+    return (sums / np.outer(rows, cols)).ravel()
 
 
 def _classes(act: np.ndarray, thresholds: list[int]) -> np.ndarray:
@@ -200,13 +205,13 @@ def _best_model(q: np.ndarray, activity: np.ndarray) -> tuple:
     return best
 
 
-def _rdo_quantize(a: np.ndarray, q: np.ndarray, bands: np.ndarray, pbyte: np.ndarray, tbyte: np.ndarray,
+def _rdo_quantize(a: np.ndarray, bands: np.ndarray, pbyte: np.ndarray, tbyte: np.ndarray,
                   weight: np.ndarray, lam: float) -> np.ndarray:
     """Rate-distortion optimised levels for the scaled coefficients ``a`` (3, blocks, 64).
 
     Each coefficient takes, of its nearest level, the level one nearer zero and zero,
     the one with the least ``weight * (a - level)^2 + lam * bits``, the bits counted
-    under the band models fitted to the current levels ``q`` (a dead band is priced
+    under the band models ``pbyte``/``tbyte`` fitted to the current levels (a dead band is priced
     as if it held one coefficient in 256).  Decoders need nothing of this: the levels
     are coded as any others.
     """
@@ -214,13 +219,12 @@ def _rdo_quantize(a: np.ndarray, q: np.ndarray, bands: np.ndarray, pbyte: np.nda
     zero_bits = np.where(pbyte[bands] > 0, -np.log2(1 - p), 0.0)
     one_bits = -np.log2(p) + 1  # significance and sign
     mag_bits = _MAG_BITS[tbyte[bands]]  # (3, blocks, 64, MAG)
-    w = weight
 
     def cost(level: np.ndarray) -> np.ndarray:
         m = np.abs(level)
         extra = np.take_along_axis(mag_bits, np.minimum(np.maximum(m - 1, 0), MAG - 1)[..., None], -1)[..., 0]
         bits = np.where(m == 0, zero_bits, one_bits + extra + np.where(m - 1 >= MAG - 1, ESC_BITS, 0))
-        return w * (a - level) ** 2 + lam * bits
+        return weight * (a - level) ** 2 + lam * bits
 
     near = np.round(a).astype(np.int32)
     lower = near - np.sign(near).astype(np.int32)
@@ -252,7 +256,7 @@ def encode(residual: np.ndarray, step: float, activity: np.ndarray, chroma: floa
     ``edge`` pads partial blocks by repetition instead of zeros (see ``_forward``): a
     block holding one pixel then needs its DC coefficient only.  ``rdo`` > 0 picks
     each coefficient's level by rate and distortion (see ``_rdo_quantize``; rdo is
-    the price of a bit in luma squared steps), with the distortion of block ``i``
+    the price of a bit in luma squared steps, e.g. RDO_PRICE), with the distortion of block ``i``
     weighed by ``block_weight[i]`` (regions of interest).  Returns the payload and
     the refinement the decoder will see.
     """
@@ -270,7 +274,7 @@ def encode(residual: np.ndarray, step: float, activity: np.ndarray, chroma: floa
         if block_weight is not None:
             weight = weight * np.asarray(block_weight, dtype=np.float64)[None, :, None]
         for _ in range(RDO_PASSES):
-            q = _rdo_quantize(a, q, model[3], model[4], model[5], weight, lam)
+            q = _rdo_quantize(a, *model[3:], weight, lam)
             model = _best_model(q, activity)
     _, k, thresholds, bands, pbyte, tbyte = model
     head = bytearray(struct.pack("<HBB", step16, chroma16, k))
