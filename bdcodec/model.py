@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .diffusion import Denoiser
+from .diffusion import Denoiser, Denoiser2, Texture2
 from .entropy import SCALE_TABLE, LaplacianEntropyModel
 from .layers import ResidualBlock, ResidualBlockUpsample, ResidualBlockWithStride, conv3x3, subpel_conv3x3
 
@@ -48,10 +48,17 @@ class ModelConfig:
     depth: int = 2
     window: int = 8
     lambdas: tuple[float, ...] = (0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483)  # MSE lambdas (x 255^2)
+    decoder: int = 2  # diffusion decoder design: 1 = Denoiser (unshuffled, x0 from z_t), 2 = Denoiser2
     den_ch: int = 64  # diffusion denoiser width
     den_blocks: int = 2  # residual blocks per level
-    sigma_blur_max: float = 16.0  # blur std (pixels) at t = 1
+    sigma_blur_max: float = 3.0  # blur std (pixels) at t = 1
     min_damping: float = 0.001
+    logsnr_min: float = 1.0  # decoder 2: log-linear logSNR from logsnr_max (t = 0) to logsnr_min (t = 1)
+    logsnr_max: float = 10.0
+    data_std: float = 0.1  # decoder 2: scale of x - x_bar in [-1, 1] units (preconditioning)
+
+    # Weights written before a field existed were trained with these values.
+    LEGACY = {"decoder": 1, "sigma_blur_max": 16.0, "logsnr_min": -10.0, "logsnr_max": 10.0}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -66,6 +73,8 @@ class ModelConfig:
         for key in ("chunks", "lambdas"):
             if key in data:
                 data[key] = tuple(data[key])
+        for key, value in cls.LEGACY.items():
+            data.setdefault(key, value)
         return cls(**data)
 
     @property
@@ -166,13 +175,19 @@ class BDCodecModel(nn.Module):
         g0 = (lam / lam.log().mean().exp()).sqrt().view(-1, 1)
         self.gain = nn.Parameter(g0.repeat(1, M))
         self.inv_gain = nn.Parameter((1 / g0).repeat(1, M))
-        # Texture latents for the diffusion decoder: y_hat (H/16) -> features at H/4.
-        self.texture = nn.Sequential(
-            ResidualBlock(M, cfg.den_ch),
-            ResidualBlockUpsample(cfg.den_ch, cfg.den_ch, 2),
-            ResidualBlockUpsample(cfg.den_ch, cfg.den_ch, 2),
-        )
-        self.denoiser = Denoiser(cfg.den_ch, cfg.den_blocks, cond_ch=cfg.den_ch)
+        # Texture latents for the diffusion decoder: y_hat (H/16) -> features at H/4 (and H/8).
+        if cfg.decoder == 1:
+            self.texture = nn.Sequential(
+                ResidualBlock(M, cfg.den_ch),
+                ResidualBlockUpsample(cfg.den_ch, cfg.den_ch, 2),
+                ResidualBlockUpsample(cfg.den_ch, cfg.den_ch, 2),
+            )
+            self.denoiser = Denoiser(cfg.den_ch, cfg.den_blocks, cond_ch=cfg.den_ch)
+        elif cfg.decoder == 2:
+            self.texture = Texture2(M, cfg.den_ch)
+            self.denoiser = Denoiser2(cfg.den_ch, cfg.den_blocks, cond_ch=cfg.den_ch)
+        else:
+            raise ValueError(f"unknown diffusion decoder {cfg.decoder}")
 
     # -- rate control -------------------------------------------------------------------------
     def level(self, quality: float) -> float:

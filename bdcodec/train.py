@@ -245,6 +245,10 @@ def main(argv=None):
     ap.add_argument("--even-chunks", action="store_true", help="ablation: even channel chunks")
     ap.add_argument("--lpips-weights", default=None, help="AlexNet features file for LPIPS (diffusion stage)")
     ap.add_argument("--lpips-weight", type=float, default=0.5)
+    ap.add_argument("--mse-weight", type=float, default=0.1,
+                    help="decoder 2: weight of the preconditioned (EDM-normalised) squared error")
+    ap.add_argument("--decoder", type=int, choices=[1, 2], default=None,
+                    help="stage diffusion: start a fresh diffusion decoder of this design on the init's codec")
     ap.add_argument("--export", default=None, help="write the best checkpoint to this safetensors file and exit")
     ap.add_argument("--out", default=None, help="after training, write the best checkpoint to this safetensors file")
     ap.add_argument("--shard-mb", type=float, default=None,
@@ -329,6 +333,10 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
         record = json.loads(meta.get("training", "{}")) or record
         record.setdefault("stages", [])
         cfg = model.cfg
+        if getattr(args, "decoder", None) and args.decoder != cfg.decoder:
+            model, cfg = _new_decoder(model, args.decoder)
+            record["stages"].append({"stage": "new diffusion decoder", "decoder": args.decoder,
+                                     "note": "texture branch and denoiser start from random initialisation"})
     else:
         cfg = ModelConfig()
         if args.no_global_context or args.even_chunks:
@@ -386,7 +394,7 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
     if args.msssim:
         from pytorch_msssim import ms_ssim
 
-    schedule = BlurSchedule(cfg.sigma_blur_max, cfg.min_damping)
+    schedule = BlurSchedule.for_config(cfg)
     val = load_val(args.val, args.val_limit) if rank == 0 else []
     print(f"stage {stage}: {sum(p.numel() for p in train_params)/1e6:.2f} M trainable parameters, "
           f"{len(crops)} training images, crop {args.crop}, batch {args.batch} x {world}, device {device}"
@@ -437,10 +445,13 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
                 t = torch.rand(x.shape[0], device=device)
                 z_t = schedule.diffuse(x * 2 - 1, t, torch.randn_like(x))
                 pred = ddp_model.module if distributed else model
-                x0 = pred.denoiser(z_t, t, pred.texture(out["y_hat"]), x_bar * 2 - 1)
+                x0, c_out = schedule.denoise(pred.denoiser, z_t, t, pred.texture(out["y_hat"]), x_bar * 2 - 1)
                 x0_01 = (x0 + 1) / 2
                 l1 = F.l1_loss(x0_01, x)
-                loss = l1
+                if c_out is None:
+                    loss = l1
+                else:  # EDM: the squared error of x0 divided by c_out^2 weighs every noise level alike
+                    loss = args.mse_weight * (((x0.float() - (x * 2 - 1)) / c_out.float()) ** 2).mean()
                 if lpips_fn is not None:
                     loss = loss + args.lpips_weight * lpips_fn(x0_01.float(), x)
                 stats = {"l1": l1, "psnr": F.mse_loss(x0_01.detach().float().clamp(0, 1), x)}
@@ -489,6 +500,19 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
     if bar:
         bar.close()
     return images
+
+
+def _new_decoder(model: BDCodecModel, decoder: int) -> tuple[BDCodecModel, ModelConfig]:
+    """The same codec with a freshly initialised diffusion decoder of design ``decoder``
+    (its schedule fields take this version's defaults)."""
+    fields = {k: getattr(ModelConfig(), k) for k in ("decoder", "sigma_blur_max", "logsnr_min", "logsnr_max",
+                                                     "data_std")}
+    cfg = ModelConfig.from_json(json.dumps({**json.loads(model.cfg.to_json()), **fields, "decoder": decoder}))
+    new = BDCodecModel(cfg, trainable=True)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("texture.", "denoiser."))}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith(("texture.", "denoiser.")) for k in missing), (missing, unexpected)
+    return new, cfg
 
 
 def _stage_entry(stage_rec: dict, step: int, t_start: float, val: dict | None) -> dict:

@@ -5,7 +5,9 @@
 #   scripts/gpu-train.sh OUTDIR [MINUTES]        (MINUTES: the whole script's budget, default 9.3)
 #
 # RD_SHARE (default 0.6) is the share of the training time given to the R-D stage, DIFFUSION_LR (default
-# 1e-4) the diffusion stage's learning rate.
+# 1e-4) the diffusion stage's learning rate.  STAGE=diffusion gives the whole window to the diffusion
+# decoder (the R-D parts stay those of the weights); DECODER=2 starts a fresh decoder of design 2 when
+# the weights carry another.
 #
 # Run from the repository root on a CUDA machine with python3, torch, numpy, pillow, click and
 # safetensors.  What it does not have comes along in ignored folders, prepared on a machine with pip:
@@ -44,16 +46,24 @@ run=/tmp/bdcodec-run
 # what is left, less 75 s: the last validation and export run past --minutes, and the fallback below
 minutes=$(python3 -c "print(f'{($(left) - 75) / 60:.2f}')")
 echo "training budget: $minutes minutes"
+stage=${STAGE:-both}
+if [ "$stage" = diffusion ]; then
+    stage_args=(--stage diffusion --run-dir "$run/diffusion" --lr "${DIFFUSION_LR:-1e-4}")
+else
+    stage_args=(--stage both --run-dir "$run" --rd-share "${RD_SHARE:-0.6}" --lr 1e-4 --diffusion-lr "${DIFFUSION_LR:-1e-4}")
+fi
 timeout --signal=INT --kill-after=15 "$(python3 -c "print(int($minutes * 60 + 40))")" \
-    python3 -m bdcodec.train --stage both --data .gpu/train.tar --val examples --val-limit 3 \
-    --minutes "$minutes" --rd-share "${RD_SHARE:-0.6}" --crop 256 --batch 32 --lr 1e-4 --lr-final 1e-5 --diffusion-lr "${DIFFUSION_LR:-1e-4}" \
-    --ckpt-minutes 1 --val-every 200 --run-dir "$run" --out "$out/bdcodec-gpu.safetensors" --shard-mb 16 \
+    python3 -m bdcodec.train "${stage_args[@]}" ${DECODER:+--decoder "$DECODER"} --data .gpu/train.tar \
+    --val examples --val-limit 3 --minutes "$minutes" --crop 256 --batch 32 --lr-final 1e-5 \
+    --ckpt-minutes 1 --val-every 200 --out "$out/bdcodec-gpu.safetensors" --shard-mb 16 \
     --lpips-weights .gpu/alexnet-features-fp16.pth
 status=$?
 echo "training exited with $status"
 if ! compgen -G "$out/bdcodec-gpu*.safetensors" > /dev/null; then
     # cut short: export the best checkpoint there is (the diffusion stage's holds the new rd weights too)
-    if [ -f "$run/diffusion/best.pt" ]; then
+    if [ "$stage" = diffusion ] && [ -f "$run/diffusion/best.pt" ]; then
+        python3 -m bdcodec.train --stage diffusion --run-dir "$run/diffusion" --export "$out/bdcodec-gpu.safetensors" --shard-mb 16
+    elif [ -f "$run/diffusion/best.pt" ]; then
         python3 -m bdcodec.train --stage both --run-dir "$run" --export "$out/bdcodec-gpu.safetensors" --shard-mb 16
     elif [ -f "$run/rd/best.pt" ]; then
         python3 -m bdcodec.train --stage rd --run-dir "$run/rd" --export "$out/bdcodec-gpu.safetensors" --shard-mb 16

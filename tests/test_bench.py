@@ -153,3 +153,37 @@ def test_effort_table_compares_each_effort_with_effort_0_of_its_mode():
     assert table[0]["bd_rate_psnr"] == pytest.approx(0, abs=1e-9)
     assert -10 < table[1]["bd_rate_psnr"] < -2  # +0.3 dB everywhere on a curve of about 7-14 % per 0.3 dB
     assert (table[1]["enc_s"], table[1]["enc_s_effort0"]) == (4.0, 1.0)
+
+
+def test_avif_at_fills_the_budget_without_passing_it():
+    from bdcodec.bench import avif_at
+
+    photo = np.asarray(Image.open(EXAMPLES[0]).convert("RGB"))[:128, :192]
+    q, data = avif_at(photo, 1500)
+    assert len(data) <= 1500
+    buf = __import__("io").BytesIO()
+    Image.fromarray(photo).save(buf, format="AVIF", quality=min(q + 1, 100), speed=6)
+    assert q == 100 or len(buf.getvalue()) > 1500  # one quality more would not fit
+
+
+def test_perception_section_compares_decoders_in_the_same_bytes_and_writes_crops(codec, tmp_path):
+    from bdcodec.bench import _perception_report, run_perception
+    from bdcodec.metrics import Metrics
+
+    photo = np.asarray(Image.open(EXAMPLES[0]).convert("RGB"))[:128, :192]
+    metrics = Metrics(None)
+    p = run_perception(codec, {"a.png": photo}, metrics, tmp_path, qualities=(0,), temperatures=(0.0, 1.0),
+                       steps=(1, 2))
+    rows = {r["decoder"]: r for r in p["rates"]}
+    assert set(rows) == {"perceptual", "fidelity", "avif"}
+    assert rows["perceptual"]["bpp"] == rows["fidelity"]["bpp"]  # one file, two decoders
+    assert rows["avif"]["bpp"] <= rows["perceptual"]["bpp"] or rows["avif"]["avif_quality"] == 0
+    assert [r["temperature"] for r in p["temperature"]] == [0.0, 1.0]
+    assert [r["steps"] for r in p["steps"]] == [1, 2]
+    assert p["temperature"][0]["psnr"] != p["temperature"][1]["psnr"]  # the noise reaches the image
+    if metrics.lpips is not None:
+        assert rows["perceptual"]["diversity"] > 0
+    with Image.open(tmp_path / "crops-q0.png") as im:
+        assert im.width > 4 * 2 * 128 and im.height > 2 * 128
+    report = "\n".join(_perception_report(p))
+    assert "| 0 | perceptual |" in report and "crops-q0.png" in report

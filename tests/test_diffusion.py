@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from bdcodec.diffusion import BlurSchedule, Denoiser, dct2, dct_matrix, idct2
+from bdcodec.diffusion import BlurSchedule, Denoiser, Denoiser2, dct2, dct_matrix, idct2
+from bdcodec.model import ModelConfig
 
 
 def test_dct_is_orthonormal_and_inverts_exactly():
@@ -47,15 +48,23 @@ def test_posterior_matches_direct_gaussian_conditioning(t, s):
     assert torch.allclose(c_t * u_t + c_x * u_x, mean_direct, rtol=1e-6, atol=1e-9)
 
 
-def test_sampler_is_reproducible_and_temperature_zero_is_deterministic():
+def _nets():
     torch.manual_seed(0)
-    net = Denoiser(ch=16, blocks=1, cond_ch=8).eval()
-    sched = BlurSchedule()
     x = torch.rand(1, 3, 64, 64) * 2 - 1
-    cond = {"texture": torch.randn(1, 8, 16, 16), "x_bar": x}
+    v1 = (Denoiser(ch=16, blocks=1, cond_ch=8).eval(), BlurSchedule(), torch.randn(1, 8, 16, 16))
+    v2 = (Denoiser2(ch=16, blocks=1, cond_ch=8).eval(), BlurSchedule.for_config(ModelConfig()),
+          (torch.randn(1, 8, 16, 16), torch.randn(1, 8, 8, 8)))
+    return x, {"decoder 1": v1, "decoder 2": v2}
+
+
+@pytest.mark.parametrize("design", ["decoder 1", "decoder 2"])
+def test_sampler_is_reproducible_and_temperature_zero_is_deterministic(design):
+    x, nets = _nets()
+    net, sched, texture = nets[design]
+    cond = {"texture": texture, "x_bar": x}
     d0 = sched.sample(net, cond, x, 3, 0.0, torch.Generator().manual_seed(1))
-    # a zero-initialised denoiser returns its conditioning image
-    assert torch.allclose(d0, x.clamp(-1, 1), atol=1e-6)
+    # a zero-initialised denoiser without noise returns its conditioning image
+    assert torch.allclose(d0, x.clamp(-1, 1), atol=1e-5)
     torch.nn.init.normal_(net.out.weight, std=0.05)
     a = sched.sample(net, cond, x, 3, 0.7, torch.Generator().manual_seed(5))
     b = sched.sample(net, cond, x, 3, 0.7, torch.Generator().manual_seed(5))
@@ -64,3 +73,48 @@ def test_sampler_is_reproducible_and_temperature_zero_is_deterministic():
     d0 = sched.sample(net, cond, x, 3, 0.0, torch.Generator().manual_seed(1))
     d1 = sched.sample(net, cond, x, 3, 0.0, torch.Generator().manual_seed(2))
     assert torch.equal(d0, d1)
+
+
+def test_decoder2_follows_z_where_the_noise_is_small_and_x_bar_where_it_is_large():
+    """EDM preconditioning on the innovation z_t - alpha_t x_bar: even before training the estimate
+    is x_bar plus the part of z_t the noise does not hide, so the sampler's last steps keep what its
+    noise drew (decoder 1 returned the same image for every seed)."""
+    x, nets = _nets()
+    net, sched, texture = nets["decoder 2"]
+    x_bar = x
+    detail = torch.nn.functional.interpolate(torch.randn(1, 3, 16, 16), size=64, mode="bilinear")
+    target = (x_bar + 0.1 * detail).clamp(-1, 1)  # a residual of 4-px features
+    err = (x_bar - target).abs().mean()
+    for t, most in ((0.0, 0.1), (0.25, 0.35)):
+        tb = torch.full((1,), t)
+        z = sched.diffuse(target, tb, torch.randn_like(x))
+        x0, c_out = sched.denoise(net, z, tb, texture, x_bar)
+        assert (x0 - target).abs().mean() < most * err, t
+    tb = torch.ones(1)
+    z = sched.diffuse(target, tb, torch.randn_like(x))
+    x0, _ = sched.denoise(net, z, tb, texture, x_bar)
+    assert (x0 - x_bar).abs().mean() < 0.05 * (z - x_bar).abs().mean()  # at t = 1 the noise is ignored
+
+
+def test_weights_without_the_new_fields_keep_their_schedule():
+    old = ModelConfig.from_json('{"N": 64, "M": 128, "sigma_blur_max": 16.0}')
+    assert (old.decoder, old.sigma_blur_max, old.logsnr_min) == (1, 16.0, -10.0)
+    sched = BlurSchedule.for_config(old)
+    assert sched.data_std is None and sched.shape == "cosine"
+    new = BlurSchedule.for_config(ModelConfig())
+    a, s = new.noise(torch.tensor([0.0, 1.0]))
+    assert s[0] < 0.01 and 0.4 < s[1] < 0.6  # noise from below a grey level to about x_bar's error scale
+
+
+def test_decoder2_full_resolution_strips_equal_the_whole_image():
+    torch.manual_seed(0)
+    net = Denoiser2(ch=16, blocks=1, cond_ch=8).eval()
+    torch.nn.init.normal_(net.out.weight, std=0.1)
+    h, w = 704, 192  # three strips of 256 rows, the last one short
+    r, x_bar = torch.randn(1, 3, h, w), torch.randn(1, 3, h, w)
+    texture = (torch.randn(1, 8, h // 4, w // 4), torch.randn(1, 8, h // 8, w // 8))
+    with torch.no_grad():
+        strips = net(r, torch.tensor([0.4]), texture, x_bar)
+        net.STRIP = 10**6
+        whole = net(r, torch.tensor([0.4]), texture, x_bar)
+    assert torch.allclose(strips, whole, atol=1e-6) and strips.abs().mean() > 0.01
