@@ -77,16 +77,6 @@ def bd_quality(rate_ref, q_ref, rate_test, q_test) -> float:
     return float((b - a) / (hi - lo))
 
 
-def _kid(a: np.ndarray, b: np.ndarray) -> float:
-    """Unbiased MMD^2 with the cubic polynomial kernel (Binkowski et al. 2018)."""
-    d = a.shape[1]
-    k = lambda x, y: (x @ y.T / d + 1) ** 3  # noqa: E731
-    m, n = len(a), len(b)
-    kaa, kbb, kab = k(a, a), k(b, b), k(a, b)
-    return float((kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1))
-                 - 2 * kab.mean())
-
-
 # -- baseline codecs --------------------------------------------------------------------------
 def _baseline_available(name: str) -> str | None:
     """None when usable, else the reason it is skipped."""

@@ -187,3 +187,31 @@ def test_perception_section_compares_decoders_in_the_same_bytes_and_writes_crops
         assert im.width > 4 * 2 * 128 and im.height > 2 * 128
     report = "\n".join(_perception_report(p))
     assert "| 0 | perceptual |" in report and "crops-q0.png" in report
+
+
+def test_patch_fid_scores_grow_with_the_distance_between_feature_sets():
+    from bdcodec.metrics import PatchFID
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(300, 16))
+    pf = object.__new__(PatchFID)  # the scores need features only, not the Inception network
+    pf.feats = {"reference": list(ref), ("same", 0): list(rng.normal(size=(300, 16))),
+                ("moved", 0): list(rng.normal(size=(300, 16)) + 0.5)}
+    s = pf.scores()
+    assert s[("same", 0)]["fid"] < 1.0 and abs(s[("same", 0)]["kid"]) < 0.01
+    assert s[("moved", 0)]["fid"] > 16 * 0.25 * 0.8 and s[("moved", 0)]["kid"] > 0.01
+    assert set(pf.scores([("moved", 0)])) == {("moved", 0)}
+
+
+def test_patch_fid_cuts_the_grid_and_the_grid_shifted_by_half_a_patch():
+    import torch
+
+    from bdcodec.metrics import PatchFID
+
+    pf = object.__new__(PatchFID)
+    pf.torch = torch
+    img = np.random.default_rng(1).integers(0, 256, size=(512, 768, 3), dtype=np.uint8)
+    patches = pf._patches(img)
+    assert patches.shape == (6 + 2, 3, 256, 256)  # Kodak: 192 patches from 24 images
+    assert torch.equal(patches[6], torch.from_numpy(img[128:384, 128:384]).permute(2, 0, 1).float())
+    assert len(pf._patches(img[:200, :300])) == 0
