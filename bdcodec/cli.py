@@ -651,7 +651,8 @@ def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, e
                    "Default: the mode stored in the file (perceptual, unless it was encoded with --tune fidelity).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Diffusion steps (default: the file's, 1 in files of this version, 8 in earlier ones).")
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.5, show_default=True,
-              help="Noise scale of the diffusion sampler; 0 is deterministic and smoothest.")
+              help="Noise scale of the diffusion sampler (0: none).  With the shipped weights (decoder design 1) "
+                   "it, --seed and --steps barely change the image; see the README.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed (default from the file).")
 @click.option("--out-quality", type=click.IntRange(1, 100), default=None,
               help="Quality of a lossy OUT format (.jpg, .webp, .avif), 1..100 "

@@ -153,7 +153,7 @@ class PatchFID:
         """Non-overlapping 256-px patches, then those of the grid shifted by half a patch
         (HiFiC's and MS-ILLM's way of getting enough patches from a small set)."""
         p = self.PATCH
-        t = self.torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+        t = self.torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # a copy: decodes may be read-only
         out = []
         for off in (0, p // 2):
             h, w = (img.shape[0] - off) // p * p, (img.shape[1] - off) // p * p

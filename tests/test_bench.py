@@ -1,4 +1,6 @@
 import csv
+import io
+import warnings
 
 import numpy as np
 import pytest
@@ -161,7 +163,7 @@ def test_avif_at_fills_the_budget_without_passing_it():
     photo = np.asarray(Image.open(EXAMPLES[0]).convert("RGB"))[:128, :192]
     q, data = avif_at(photo, 1500)
     assert len(data) <= 1500
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     Image.fromarray(photo).save(buf, format="AVIF", quality=min(q + 1, 100), speed=6)
     assert q == 100 or len(buf.getvalue()) > 1500  # one quality more would not fit
 
@@ -211,7 +213,10 @@ def test_patch_fid_cuts_the_grid_and_the_grid_shifted_by_half_a_patch():
     pf = object.__new__(PatchFID)
     pf.torch = torch
     img = np.random.default_rng(1).integers(0, 256, size=(512, 768, 3), dtype=np.uint8)
-    patches = pf._patches(img)
+    img.setflags(write=False)  # as decoded arrays are
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patches = pf._patches(img)
     assert patches.shape == (6 + 2, 3, 256, 256)  # Kodak: 192 patches from 24 images
     assert torch.equal(patches[6], torch.from_numpy(img[128:384, 128:384]).permute(2, 0, 1).float())
     assert len(pf._patches(img[:200, :300])) == 0
