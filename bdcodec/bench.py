@@ -278,6 +278,8 @@ def detail_window(img: np.ndarray, size: int) -> tuple[int, int]:
     """Top-left corner of the ``size``-px square (on a size/4 grid) with the most fine detail."""
     luma = img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     detail = np.abs(np.diff(luma, axis=0))[:, :-1] + np.abs(np.diff(luma, axis=1))[:-1]
+    if detail.size == 0:  # a single row or column
+        return 0, 0
     step = max(size // 4, 1)
     best, pos = -1.0, (0, 0)
     for y in range(0, max(detail.shape[0] - size, 0) + 1, step):

@@ -220,3 +220,15 @@ def test_patch_fid_cuts_the_grid_and_the_grid_shifted_by_half_a_patch():
     assert patches.shape == (6 + 2, 3, 256, 256)  # Kodak: 192 patches from 24 images
     assert torch.equal(patches[6], torch.from_numpy(img[128:384, 128:384]).permute(2, 0, 1).float())
     assert len(pf._patches(img[:200, :300])) == 0
+
+
+def test_detail_window_finds_the_textured_square():
+    from bdcodec.bench import detail_window
+
+    img = np.zeros((300, 400, 3), np.uint8)
+    img[200:260, 300:360] = np.random.default_rng(0).integers(0, 255, (60, 60, 3))
+    y, x = detail_window(img, 64)
+    assert y <= 200 and y + 64 >= 260 and x <= 300 and x + 64 >= 360
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert detail_window(np.zeros((1, 1, 3), np.uint8), 1) == (0, 0)
