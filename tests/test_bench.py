@@ -226,9 +226,9 @@ def test_detail_window_finds_the_textured_square():
     from bdcodec.bench import detail_window
 
     img = np.zeros((300, 400, 3), np.uint8)
-    img[200:260, 300:360] = np.random.default_rng(0).integers(0, 255, (60, 60, 3))
+    img[200:248, 300:348] = np.random.default_rng(0).integers(0, 255, (48, 48, 3))
     y, x = detail_window(img, 64)
-    assert y <= 200 and y + 64 >= 260 and x <= 300 and x + 64 >= 360
+    assert y <= 200 and y + 64 >= 248 and x <= 300 and x + 64 >= 348
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert detail_window(np.zeros((1, 1, 3), np.uint8), 1) == (0, 0)
