@@ -341,7 +341,7 @@ def run_perception(codec, refs: dict, metrics, out_dir: Path, qualities=PERCEPTI
     total = len(qualities) * len(names) + len(names) * (len(temperatures) + len(steps))
     pb = bar(total, "perception") if bar else None
     rows, t_rows, s_rows = [], [], []
-    period = {"original": {p: float(np.mean([periodic_structure(r, p) for r in refs.values()])) for p in (8, 4)}}
+    period_original = {p: float(np.mean([periodic_structure(r, p) for r in refs.values()])) for p in (8, 4)}
     crops = []
     for q in qualities:
         per = {k: [] for k in ("perceptual", "fidelity", "avif")}
@@ -406,7 +406,7 @@ def run_perception(codec, refs: dict, metrics, out_dir: Path, qualities=PERCEPTI
     for row in temps:
         row.update(scores.get(("perception", "temperature", row["temperature"]), {}))
     return {"images": len(names), "rates": rows, "temperature": temps, "steps": _mean_by(s_rows, "steps"),
-            "period_original": period["original"], "fid_patches": patch_fid.count() if patch_fid else 0,
+            "period_original": period_original, "fid_patches": patch_fid.count() if patch_fid else 0,
             "crops": crops, "crop_image": crop_image}
 
 

@@ -176,14 +176,13 @@ class BlurSchedule:
             return net(z, t, texture, x_bar), None
         h, w = z.shape[-2:]
         dtype = z.dtype
-        alpha, sigma = self.marginal(t, h, w)
-        a, _ = self.noise(t)
+        a, sigma = self.noise(t)
+        alpha = a.reshape(-1, 1, 1) * self.damping(t, h, w)
         xd = dct2(x_bar) if x_bar_dct is None else x_bar_dct
         zd = dct2(z) if z_dct is None else z_dct
         r = idct2(zd - alpha.to(device=z.device, dtype=dtype).unsqueeze(1) * xd)
         sd2 = self.data_std**2
-        a = a.view(-1, 1, 1, 1)
-        s2 = (sigma**2).view(-1, 1, 1, 1)
+        a, s2 = a.view(-1, 1, 1, 1), (sigma**2).view(-1, 1, 1, 1)
         norm = (a**2 * sd2 + s2).sqrt()
         c_in, c_skip, c_out = 1 / norm, a * sd2 / norm**2, s2.sqrt() * self.data_std / norm
         c_in, c_skip, c_out = (c.to(device=z.device, dtype=dtype) for c in (c_in, c_skip, c_out))
