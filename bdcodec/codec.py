@@ -41,7 +41,7 @@ from .effort import (DEFAULT_EFFORT, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, EFFO
 from .errors import BdcError
 from .model import pad_to
 from .rans import HyperCoder, PassDecoder, PassEncoder, decode_z_compressai
-from .weights import default_weights_path, load_model
+from .weights import default_weights_path, load_model, reads
 
 __all__ = ["Codec", "DEFAULT_QUALITY", "DEFAULT_STEPS"]
 
@@ -181,8 +181,10 @@ class Codec:
             self.model, self.meta = load_model(self.weights_path)
             self.model.requires_grad_(False)  # only effort's latent needs gradients
             self.weights_id = self.meta["weights_id"]
+            self.reads = frozenset(reads(self.meta))
         else:  # an in-memory model (training validation); its CDF tables must be up to date
             self.weights_path, self.model, self.meta, self.weights_id = "<in memory>", model, {}, weights_id
+            self.reads = frozenset()
         self.device = resolve_device(device)
         if threads is not None and threads < 1:
             raise BdcError(f"threads must be at least 1, got {threads}")
@@ -227,7 +229,7 @@ class Codec:
 
         Cheap (no model work), so a batch checks every file before decoding the first.
         """
-        if header.weights_id != self.weights_id:
+        if header.weights_id != self.weights_id and header.weights_id not in self.reads:
             raise BdcError(
                 f"file was made with weights {header.weights_id}, but the loaded weights are "
                 f"{self.weights_id} ({self.weights_path}); pass the matching --weights"

@@ -35,7 +35,7 @@ from PIL import Image
 from .diffusion import BlurSchedule
 from .model import BDCodecModel, ModelConfig
 from .metrics import find_lpips_weights, lpips_model, psnr_tensor
-from .weights import load_model, save_model
+from .weights import lineage, load_model, save_model
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
@@ -245,6 +245,8 @@ def main(argv=None):
     ap.add_argument("--even-chunks", action="store_true", help="ablation: even channel chunks")
     ap.add_argument("--lpips-weights", default=None, help="AlexNet features file for LPIPS (diffusion stage)")
     ap.add_argument("--lpips-weight", type=float, default=0.5)
+    ap.add_argument("--t-min", type=float, default=0.0,
+                    help="stage diffusion: draw training times from [T_MIN, 1) (the sampler's first step is at t = 1)")
     ap.add_argument("--mse-weight", type=float, default=0.1,
                     help="decoder 2: weight of the preconditioned (EDM-normalised) squared error")
     ap.add_argument("--decoder", type=int, choices=[1, 2], default=None,
@@ -316,7 +318,7 @@ def _export(ckpt_path: Path, out, shard: int | None):
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     model = BDCodecModel(ModelConfig.from_json(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
-    wid = save_model(model, out, ckpt["record"], max_shard_bytes=shard)
+    wid = save_model(model, out, ckpt["record"], max_shard_bytes=shard, parent=ckpt["record"].get("parent"))
     print(f"exported {ckpt_path} (step {ckpt['step']}) to {out}, weights id {wid}", flush=True)
 
 
@@ -332,6 +334,7 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
         model, meta = load_model(init, trainable=True)
         record = json.loads(meta.get("training", "{}")) or record
         record.setdefault("stages", [])
+        record["parent"] = lineage(init)  # lets the export read the init's files if the codec stays
         cfg = model.cfg
         if getattr(args, "decoder", None) and args.decoder != cfg.decoder:
             model, cfg = _new_decoder(model, args.decoder)
@@ -442,7 +445,7 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
                     model.eval()  # frozen codec: rounded z, as at decode time (the denoiser has no BN/dropout)
                     out = model(x, level)
                     x_bar = out["x_bar"].clamp(0, 1)
-                t = torch.rand(x.shape[0], device=device)
+                t = args.t_min + (1 - args.t_min) * torch.rand(x.shape[0], device=device)
                 z_t = schedule.diffuse(x * 2 - 1, t, torch.randn_like(x))
                 pred = ddp_model.module if distributed else model
                 x0, c_out = schedule.denoise(pred.denoiser, z_t, t, pred.texture(out["y_hat"]), x_bar * 2 - 1)

@@ -6,7 +6,11 @@ Metadata keys (all strings):
 - ``config``: :class:`~bdcodec.model.ModelConfig` as JSON;
 - ``training``: JSON training record (data, steps, lambda range, date, compute);
 - ``weights_id``: 8 hex digits, a hash of the tensors, written into every ``.bdc``
-  file so that a file is never decoded with the wrong model.
+  file so that a file is never decoded with the wrong model;
+- ``reads`` (optional): JSON list of the ids of earlier weights whose files these
+  weights decode exactly as those did in fidelity mode: the same tensors but for the
+  diffusion decoder (texture branch and denoiser), which only renders the perceptual
+  decode.  A retrained diffusion decoder so keeps every existing file readable.
 
 A model larger than a transfer limit can be written as shards
 ``NAME-00001-of-00002.safetensors`` ...: each holds some of the tensors and the
@@ -29,11 +33,13 @@ from pathlib import Path
 
 from .errors import BdcError
 
-__all__ = ["DEFAULT_NAME", "FORMAT", "default_weights_path", "read_metadata", "save_model", "load_model", "tensors_id",
-           "weight_files"]
+__all__ = ["DEFAULT_NAME", "DECODER_PARTS", "FORMAT", "codec_id", "default_weights_path", "lineage", "read_metadata",
+           "reads", "save_model", "load_model", "tensors_id", "weight_files"]
 
 DEFAULT_NAME = "bdcodec-base.safetensors"
 FORMAT = "1"
+# The tensors of the diffusion decoder: everything else decides what a file's bytes mean.
+DECODER_PARTS = ("denoiser.", "texture.")
 
 
 def default_weights_path() -> Path:
@@ -63,6 +69,32 @@ def tensors_id(state: dict) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:8]
+
+
+def codec_id(state: dict) -> str:
+    """:func:`tensors_id` of the tensors that are not the diffusion decoder's."""
+    return tensors_id({k: v for k, v in state.items() if not k.startswith(DECODER_PARTS)})
+
+
+def reads(meta: dict) -> list[str]:
+    """The ids of earlier weights whose files the weights with metadata ``meta`` decode."""
+    try:
+        ids = json.loads(meta.get("reads", "[]"))
+    except ValueError:
+        return []
+    return [i for i in ids if isinstance(i, str) and re.fullmatch(r"[0-9a-f]{8}", i)]
+
+
+def lineage(path: str | os.PathLike) -> dict:
+    """What :func:`save_model` needs to let weights trained from ``path`` read its files:
+    ``{"codec_id": ..., "reads": [path's id, *what path reads]}``."""
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    state = {}
+    for f in weight_files(path):
+        state.update(load_file(str(f)))
+    return {"codec_id": codec_id(state), "reads": [meta["weights_id"], *reads(meta)]}
 
 
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.safetensors$")
@@ -108,8 +140,13 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def save_model(model, path: str | os.PathLike, training: dict, max_shard_bytes: int | None = None) -> str:
+def save_model(model, path: str | os.PathLike, training: dict, max_shard_bytes: int | None = None,
+               parent: dict | None = None) -> str:
     """Write ``model`` as fp32 safetensors with config and training record; returns its weights id.
+
+    ``parent`` is the :func:`lineage` of the weights training started from: when only the
+    diffusion decoder changed since, the new weights read the files of the parent and of
+    everything it reads.
 
     With ``max_shard_bytes``, weights larger than that are split by tensor into shards
     ``STEM-0000k-of-0000n.safetensors`` of at most that size each (header included).
@@ -127,6 +164,8 @@ def save_model(model, path: str | os.PathLike, training: dict, max_shard_bytes: 
         "training": json.dumps(training, sort_keys=True),
         "weights_id": wid,
     }
+    if parent and parent.get("reads") and codec_id(state) == parent.get("codec_id"):
+        meta["reads"] = json.dumps([i for i in parent["reads"] if i != wid])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     groups = _split(state, max_shard_bytes, len(json.dumps(meta))) if max_shard_bytes else [list(state)]

@@ -74,3 +74,37 @@ def test_sharded_weights_join_and_refuse_missing_or_mixed_shards(tmp_path):
     shards[-1].unlink()
     with pytest.raises(BdcError, match="shard missing"):
         load_model(tmp_path / "w.safetensors")
+
+
+def test_a_retrained_diffusion_decoder_reads_the_files_of_its_parent_and_nothing_else(tmp_path):
+    import numpy as np
+
+    from bdcodec.codec import Codec
+    from bdcodec.weights import lineage
+
+    torch.manual_seed(0)
+    m = BDCodecModel()
+    pid = save_model(m, tmp_path / "parent.safetensors", {"stages": []})
+    parent = lineage(tmp_path / "parent.safetensors")
+    assert parent["reads"] == [pid]
+    with torch.no_grad():
+        next(m.denoiser.parameters()).add_(0.01)
+    cid = save_model(m, tmp_path / "child.safetensors", {"stages": []}, parent=parent)
+    assert cid != pid and json.loads(read_metadata(tmp_path / "child.safetensors")["reads"]) == [pid]
+    with torch.no_grad():  # a decoder retrained again reads the files of both
+        next(m.texture.parameters()).add_(0.01)
+    save_model(m, tmp_path / "grandchild.safetensors", {"stages": []}, parent=lineage(tmp_path / "child.safetensors"))
+    assert json.loads(read_metadata(tmp_path / "grandchild.safetensors")["reads"]) == [cid, pid]
+    with torch.no_grad():
+        next(m.g_s.parameters()).add_(0.01)
+    save_model(m, tmp_path / "other.safetensors", {"stages": []}, parent=parent)
+    assert "reads" not in read_metadata(tmp_path / "other.safetensors")
+
+    px = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    old = Codec(tmp_path / "parent.safetensors", "cpu", threads=1)
+    data = old.encode(px, quality=0, mode="fidelity")
+    want, _ = old.decode(data)
+    got, _ = Codec(tmp_path / "child.safetensors", "cpu", threads=1).decode(data)
+    assert np.array_equal(got, want)
+    with pytest.raises(BdcError, match=f"made with weights {pid}"):
+        Codec(tmp_path / "other.safetensors", "cpu", threads=1).decode(data)
