@@ -212,6 +212,27 @@ def rd_terms(model: BDCodecModel, x: torch.Tensor, level: float, out: dict | Non
     return out, bpp, mse
 
 
+class PatchDiscriminator(torch.nn.Module):
+    """A conditional PatchGAN for the diffusion stage's adversarial term (training only, never exported).
+
+    It sees an image and the fidelity reconstruction x̄ it was decoded from (both in [−1, 1]) and scores
+    every 70×70-px patch; spectral norm keeps it Lipschitz, so a light hinge loss stays stable beside LPIPS.
+    """
+
+    def __init__(self, ch: int = 64):
+        super().__init__()
+        sn = torch.nn.utils.parametrizations.spectral_norm
+        layers, cin = [], 6
+        for cout, stride in ((ch, 2), (2 * ch, 2), (4 * ch, 2), (4 * ch, 1)):
+            layers += [sn(torch.nn.Conv2d(cin, cout, 4, stride, 1)), torch.nn.LeakyReLU(0.2, inplace=True)]
+            cin = cout
+        layers.append(sn(torch.nn.Conv2d(cin, 1, 4, 1, 1)))
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, img: torch.Tensor, x_bar: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([img, x_bar], 1))
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["pack"]:
@@ -245,6 +266,8 @@ def main(argv=None):
     ap.add_argument("--even-chunks", action="store_true", help="ablation: even channel chunks")
     ap.add_argument("--lpips-weights", default=None, help="AlexNet features file for LPIPS (diffusion stage)")
     ap.add_argument("--lpips-weight", type=float, default=0.5)
+    ap.add_argument("--gan-weight", type=float, default=0.0,
+                    help="stage diffusion: weight of a hinge adversarial term from a conditional PatchGAN (0: none)")
     ap.add_argument("--t-min", type=float, default=0.0,
                     help="stage diffusion: draw training times from [T_MIN, 1) (the sampler's first step is at t = 1)")
     ap.add_argument("--mse-weight", type=float, default=0.1,
@@ -362,6 +385,10 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
         train_params = list(model.texture.parameters()) + list(model.denoiser.parameters())
     opt = torch.optim.Adam(train_params, lr=args.lr)
     aux_opt = torch.optim.Adam([model.entropy_bottleneck.quantiles], lr=1e-3) if stage == "rd" else None
+    disc = disc_opt = None
+    if stage == "diffusion" and args.gan_weight > 0:
+        disc = PatchDiscriminator().to(device)
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     step, best, history = 0, float("inf"), []
     resumed_stage = None
     if images is None:
@@ -373,6 +400,9 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
         opt.load_state_dict(ckpt["opt"])
         if aux_opt and ckpt.get("aux_opt"):
             aux_opt.load_state_dict(ckpt["aux_opt"])
+        if disc is not None and ckpt.get("disc"):
+            disc.load_state_dict(ckpt["disc"])
+            disc_opt.load_state_dict(ckpt["disc_opt"])
         step, best, history, record = ckpt["step"], ckpt["best"], ckpt["history"], ckpt["record"]
         if record["stages"] and record["stages"][-1]["stage"] == stage:
             resumed_stage = record["stages"][-1]
@@ -382,6 +412,7 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
             crops.gen.set_state(ckpt["crop_rng"])
         print(f"resumed from {run_dir / 'last.pt'} at step {step}")
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
+    ddp_disc = torch.nn.parallel.DistributedDataParallel(disc) if distributed and disc is not None else disc
 
     lpips_fn = None
     if stage == "diffusion":
@@ -411,6 +442,9 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
                  "start_step": step, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "lambdas": list(cfg.lambdas), "precision": "bf16" if use_bf16 else "fp32"}
+    if stage == "diffusion":
+        stage_rec.update(lpips_weight=args.lpips_weight if lpips_fn else 0, gan_weight=args.gan_weight,
+                         t_min=args.t_min, **({"mse_weight": args.mse_weight} if cfg.decoder == 2 else {}))
     if resumed_stage:
         stage_rec.update(start_step=resumed_stage["start_step"], started=resumed_stage["started"])
     stage_rec["minutes_before"] = (resumed_stage or {}).get("minutes", 0.0)
@@ -458,6 +492,10 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
                 if lpips_fn is not None:
                     loss = loss + args.lpips_weight * lpips_fn(x0_01.float(), x)
                 stats = {"l1": l1, "psnr": F.mse_loss(x0_01.detach().float().clamp(0, 1), x)}
+                if disc is not None:
+                    disc.requires_grad_(False)
+                    loss = loss - args.gan_weight * disc(x0, x_bar * 2 - 1).float().mean()
+                    disc.requires_grad_(True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(train_params, 1.0)
@@ -468,6 +506,15 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
         for g in opt.param_groups:
             g["lr"] = args.lr_final + 0.5 * (args.lr - args.lr_final) * (1 + math.cos(math.pi * frac))
         opt.step()
+        if disc is not None:  # hinge loss on real crops against the detached samples, in one pass
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                xb = (x_bar * 2 - 1).repeat(2, 1, 1, 1)
+                d_real, d_fake = ddp_disc(torch.cat([x * 2 - 1, x0.detach()]), xb).float().chunk(2)
+                d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+            stats["d_hinge"] = d_loss.detach()
         if aux_opt is not None:
             aux_opt.zero_grad(set_to_none=True)
             model.aux_loss().backward()
@@ -492,13 +539,13 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
             rec["stages"] = record["stages"] + [_stage_entry(stage_rec, step, t_start, metrics)]
             if score < best:
                 best = score
-                _save(run_dir / "best.pt", model, opt, aux_opt, step, best, history, rec, crops)
+                _save(run_dir / "best.pt", model, opt, aux_opt, step, best, history, rec, crops, disc, disc_opt)
             _plot(history, run_dir / "curves.png")
             t_rate, n_rate = time.time(), 0
         if rank == 0 and (time.time() - last_ckpt > args.ckpt_minutes * 60 or stop or step == args.steps):
             rec = dict(record)
             rec["stages"] = record["stages"] + [_stage_entry(stage_rec, step, t_start, history[-1] if history else None)]
-            _save(run_dir / "last.pt", model, opt, aux_opt, step, best, history, rec, crops)
+            _save(run_dir / "last.pt", model, opt, aux_opt, step, best, history, rec, crops, disc, disc_opt)
             last_ckpt = time.time()
     if bar:
         bar.close()
@@ -589,9 +636,10 @@ def validate(model: BDCodecModel, val: list[torch.Tensor], stage: str, schedule:
     return res
 
 
-def _save(path: Path, model, opt, aux_opt, step, best, history, record, crops=None):
+def _save(path: Path, model, opt, aux_opt, step, best, history, record, crops=None, disc=None, disc_opt=None):
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                "disc": disc.state_dict() if disc else None, "disc_opt": disc_opt.state_dict() if disc_opt else None,
                 "aux_opt": aux_opt.state_dict() if aux_opt else None, "step": step, "best": best,
                 "history": history, "record": record, "config": model.cfg.to_json(),
                 "rng": torch.get_rng_state(), "crop_rng": crops.gen.get_state() if crops else None}, tmp)

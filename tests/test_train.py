@@ -40,14 +40,25 @@ def test_rd_then_diffusion_resume_and_export(data, tmp_path):
     assert ckpt["step"] == 3 and len(ckpt["history"]) >= 2
     train_main(["--run-dir", str(rd), "--export", str(tmp_path / "rd.safetensors")])
     diff = tmp_path / "diff"
-    train_main(_args(data, diff, "--stage", "diffusion", "--init", str(tmp_path / "rd.safetensors"),
-                     "--steps", "2", "--lpips-weights", str(tmp_path / "none.pth")))
+    diffusion = ("--stage", "diffusion", "--init", str(tmp_path / "rd.safetensors"), "--gan-weight", "0.1",
+                 "--t-min", "0.5", "--lpips-weights", str(tmp_path / "none.pth"))
+    train_main(_args(data, diff, *diffusion, "--steps", "2"))
+    first = torch.load(diff / "last.pt", weights_only=False)
+    train_main(_args(data, diff, *diffusion, "--steps", "3", "--resume"))
+    ckpt = torch.load(diff / "last.pt", weights_only=False)
+    assert ckpt["step"] == 3 and "d_hinge" in json.dumps(ckpt["history"])
+    d0, d1 = first["disc"], ckpt["disc"]  # the discriminator is checkpointed and keeps learning on resume
+    assert d0.keys() == d1.keys() and any(not torch.equal(d0[k], d1[k]) for k in d0)
     out = tmp_path / "full.safetensors"
     train_main(["--stage", "diffusion", "--run-dir", str(diff), "--export", str(out)])
     meta = read_metadata(out)
     record = json.loads(meta["training"])
     assert [s["stage"] for s in record["stages"]] == ["rd", "diffusion"]
     assert record["stages"][0]["total_step"] == 3
+    assert record["stages"][1]["gan_weight"] == 0.1 and record["stages"][1]["t_min"] == 0.5
+    # only the diffusion decoder changed, so the new weights read the files of the R-D stage's
+    assert json.loads(meta["reads"]) == [read_metadata(tmp_path / "rd.safetensors")["weights_id"]]
+    assert not any(k.startswith("disc") for k in load_model(out)[0].state_dict())
     model, _ = load_model(out)
     assert model.cfg.chunks == (16, 16, 32, 64)
 
