@@ -35,7 +35,7 @@ from PIL import Image
 from .diffusion import BlurSchedule
 from .model import BDCodecModel, ModelConfig
 from .metrics import find_lpips_weights, lpips_model, psnr_tensor
-from .weights import lineage, load_model, save_model
+from .weights import DECODER_PARTS, lineage, load_model, save_model
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
@@ -377,7 +377,7 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
 
     if stage == "rd":
         train_params = [p for n, p in model.named_parameters()
-                        if not n.startswith(("denoiser.", "texture.")) and not n.endswith("quantiles")]
+                        if not n.startswith(DECODER_PARTS) and not n.endswith("quantiles")]
     else:
         model.requires_grad_(False)
         model.texture.requires_grad_(True)
@@ -559,9 +559,9 @@ def _new_decoder(model: BDCodecModel, decoder: int) -> tuple[BDCodecModel, Model
                                                      "data_std")}
     cfg = ModelConfig.from_json(json.dumps({**json.loads(model.cfg.to_json()), **fields, "decoder": decoder}))
     new = BDCodecModel(cfg, trainable=True)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("texture.", "denoiser."))}
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(DECODER_PARTS)}
     missing, unexpected = new.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith(("texture.", "denoiser.")) for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.startswith(DECODER_PARTS) for k in missing), (missing, unexpected)
     return new, cfg
 
 

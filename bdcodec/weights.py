@@ -88,13 +88,8 @@ def reads(meta: dict) -> list[str]:
 def lineage(path: str | os.PathLike) -> dict:
     """What :func:`save_model` needs to let weights trained from ``path`` read its files:
     ``{"codec_id": ..., "reads": [path's id, *what path reads]}``."""
-    from safetensors.torch import load_file
-
     meta = read_metadata(path)
-    state = {}
-    for f in weight_files(path):
-        state.update(load_file(str(f)))
-    return {"codec_id": codec_id(state), "reads": [meta["weights_id"], *reads(meta)]}
+    return {"codec_id": codec_id(_load_state(path)), "reads": [meta["weights_id"], *reads(meta)]}
 
 
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.safetensors$")
@@ -197,13 +192,21 @@ def _split(state: dict, limit: int, meta_bytes: int) -> list[list[str]]:
     return groups
 
 
+def _load_state(path) -> dict:
+    """The tensors of the weights at ``path``, their shards joined."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in weight_files(path):
+        state.update(load_file(str(f)))
+    return state
+
+
 def load_model(path: str | os.PathLike | None = None, trainable: bool = False):
     """Load a :class:`~bdcodec.model.BDCodecModel` in eval mode; returns ``(model, metadata)``.
 
     ``trainable=True`` builds the training model (with CompressAI's entropy models).
     """
-    from safetensors.torch import load_file
-
     from .model import BDCodecModel, ModelConfig
 
     path = Path(path) if path else default_weights_path()
@@ -213,11 +216,8 @@ def load_model(path: str | os.PathLike | None = None, trainable: bool = False):
     except (ValueError, TypeError) as exc:
         raise BdcError(f"{path}: weights config does not match this version of bdcodec: {exc}") from None
     model = BDCodecModel(cfg, trainable=trainable)
-    files = weight_files(path)
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    if len(files) > 1 and tensors_id(state) != meta["weights_id"]:
+    state = _load_state(path)
+    if len(weight_files(path)) > 1 and tensors_id(state) != meta["weights_id"]:
         raise BdcError(f"{path}: shards do not join to weights {meta['weights_id']} (mixed or damaged shards)")
     try:
         model.load_state_dict(state)
