@@ -71,6 +71,12 @@ PERCEPTUAL_FIT_FROM = 1.0
 REFINE_FROM = 50.0
 PERCEPTUAL_SHARE = 0.6
 FIDELITY_SHARE = 0.2
+# At effort 1 and up, a file made for fidelity decoding takes the cheapest of these
+# fidelity plans for the image at hand: each is coded at effort 0, and the one with the
+# least squared error + lambda x bits (lambda: refine.RDO_PRICE x 3 x step^2, the layer's
+# own exchange rate) is fitted.  A fitted latent gains more at higher rate levels, and
+# images differ in where a bit buys more (see the effort table in the README).
+FIDELITY_SHARES = (0.2, 0.4, 0.6)
 STEP_START = 160.0
 STEP_COARSE = 96.0
 STEP_FINE = 4.0
@@ -207,15 +213,18 @@ class Codec:
         x = torch.from_numpy(np.array(pixels, dtype=np.uint8, order="C")).permute(2, 0, 1)[None].float() / 255.0
         return pad_to(x, PAD)
 
-    def plan(self, quality: float, mode: str = "perceptual") -> tuple[float, float | None]:
+    def plan(self, quality: float, mode: str = "perceptual", share: float | None = None
+             ) -> tuple[float, float | None]:
         """(rate level, refinement step or None) the encoder uses for a quality 0..100.
 
-        ``mode`` is the decode mode the file is made for.  The level is rounded to
+        ``mode`` is the decode mode the file is made for; ``share`` replaces the mode's
+        share of the model's levels reached at REFINE_FROM.  The level is rounded to
         the container's 1/LEVEL_SCALE steps.
         """
         top = self.model.cfg.levels - 1
         q = max(0.0, min(100.0, float(quality)))
-        share = FIDELITY_SHARE if mode == "fidelity" else PERCEPTUAL_SHARE
+        if share is None:
+            share = FIDELITY_SHARE if mode == "fidelity" else PERCEPTUAL_SHARE
         level = round(min(q, REFINE_FROM) / REFINE_FROM * share * top * container.LEVEL_SCALE) / container.LEVEL_SCALE
         if q > REFINE_FROM:
             t = (q - REFINE_FROM) / (100 - REFINE_FROM)
@@ -375,8 +384,26 @@ class Codec:
                 # weighted w_in: step / sqrt(w_in)), levels chosen at the price of a bit of
                 # the plan's step, so that the rest keeps only what pays for itself there
                 step = (step or STEP_START) / math.sqrt(block_weight.max())
+            elif effort and mode == "fidelity" and step is not None and not tiny:
+                levels = sorted({self.plan(q, mode, share)[0] for share in FIDELITY_SHARES})
+                if len(levels) > 1:
+                    lam = refine.RDO_PRICE * 3 * step**2
+                    level = min(levels, key=lambda lv: cost(q, lv, step, lam))
             if mode == "perceptual" and level < PERCEPTUAL_FIT_FROM:
                 effort = 0
+            return code(q, level, step, effort)
+
+        def cost(q: float, level: float, step: float, lam: float) -> float:
+            """Squared error of the fidelity decode + lam x bits, of the effort-0 file at ``level``."""
+            data = code(q, level, step, 0)
+            decoded = recons[(level, 0, None)].astype(np.float64)
+            if refined[(level, step)] is not None:
+                decoded = np.clip(np.round(decoded + refine.reconstruct(refined[(level, step)])), 0, 255)
+            return float(np.square(decoded - pixels).sum()) + lam * 8 * len(data)
+
+        refined: dict[tuple, refine.Refinement | None] = {}  # (level, step) -> the effort-0 refinement
+
+        def code(q: float, level: float, step: float | None, effort: int) -> bytes:
             key = (level, effort, step if effort else None)  # the fit serves the refinement layer's step
             if key not in latents:
                 gain, _ = self.model.gains(level)
@@ -393,8 +420,10 @@ class Codec:
             if step is not None:
                 if key not in recons:
                     recons[key] = self._to_uint8(self._synthesize(y_hat_g, level, hgt, wid, progress), hgt, wid)
-                refined = self._refine(pixels, recons[key], activity, step, edge=tiny, block_weight=block_weight)
-                streams = dataclasses.replace(streams, refine=refined)
+                payload, ref = self._refine(pixels, recons[key], activity, step, edge=tiny, block_weight=block_weight)
+                if not effort:
+                    refined[(level, step)] = ref if payload else None
+                streams = dataclasses.replace(streams, refine=payload)
             header = Header(wid, hgt, q, self.weights_id, gray, mode, steps, seed, level=level)
             return container.pack(header, streams)
 
@@ -446,8 +475,8 @@ class Codec:
         return len(streams.z) + len(streams.escapes) + len(streams.y)
 
     def _refine(self, pixels: np.ndarray, x_bar: np.ndarray, activity: np.ndarray, step: float,
-                edge: bool = False, block_weight: np.ndarray | None = None) -> bytes:
-        """The refinement payload for ``pixels`` over ``x_bar``, or b"" when it would be empty."""
+                edge: bool = False, block_weight: np.ndarray | None = None) -> tuple[bytes, refine.Refinement]:
+        """The refinement payload for ``pixels`` over ``x_bar`` (b"" when it would be empty), and what it decodes to."""
         t0 = time.perf_counter()
         hgt, wid = pixels.shape[:2]
         residual = pixels.astype(np.float64) - x_bar
@@ -458,7 +487,7 @@ class Codec:
             payload, ref = refine.encode(residual, step, act, edge=edge, rdo=refine.RDO_PRICE * block_weight.max(),
                                          block_weight=block_weight)
         self.timings["refine"] = self.timings.get("refine", 0.0) + time.perf_counter() - t0
-        return payload if ref.q.any() else b""
+        return (payload if ref.q.any() else b""), ref
 
     def _hyper(self, y: torch.Tensor) -> tuple[bytes, torch.Tensor]:
         """(z stream, psi) of a gained latent."""

@@ -23,17 +23,49 @@ def _cost(codec, pixels, data, level):
     return 8 * len(data) + codec.model.lmbda(level) * 255**2 * sse / 3
 
 
-@pytest.mark.parametrize("quality", [0.0, 40.0])
-def test_effort_lowers_the_rate_distortion_cost_and_files_decode_as_before(codec, crop, quality):
-    level, _ = codec.plan(quality, "fidelity")
-    plain = codec.encode(crop, quality=quality, mode="fidelity")
-    fitted = codec.encode(crop, quality=quality, mode="fidelity", effort=3)
+def test_effort_lowers_the_rate_distortion_cost_and_files_decode_as_before(codec, crop):
+    level, _ = codec.plan(0.0, "fidelity")
+    plain = codec.encode(crop, quality=0.0, mode="fidelity")
+    fitted = codec.encode(crop, quality=0.0, mode="fidelity", effort=3)
     assert fitted != plain
-    assert codec.encode(crop, quality=quality, mode="fidelity", effort=3) == fitted  # deterministic
+    assert codec.encode(crop, quality=0.0, mode="fidelity", effort=3) == fitted  # deterministic
     h_plain, _ = container.unpack(plain)
     h_fitted, _ = container.unpack(fitted)
     assert (h_fitted.version, h_fitted.level, h_fitted.quality) == (h_plain.version, h_plain.level, h_plain.quality)
     assert _cost(codec, crop, fitted, level) < _cost(codec, crop, plain, level)
+
+
+def _layer_cost(codec, pixels, data, step):
+    """Squared error + lambda x bits at the refinement layer's exchange rate (what the plan is chosen by)."""
+    from bdcodec import refine
+
+    out, _ = codec.decode(data, mode="fidelity")
+    return ((out.astype(np.float64) - pixels) ** 2).sum() + refine.RDO_PRICE * 3 * step**2 * 8 * len(data)
+
+
+@pytest.mark.parametrize("quality", [60.0])
+def test_effort_chooses_a_fidelity_plan_and_lowers_its_cost(codec, crop, quality, monkeypatch):
+    import bdcodec.codec
+    from bdcodec.codec import FIDELITY_SHARES
+
+    _, step = codec.plan(quality, "fidelity")
+    levels = {codec.plan(quality, "fidelity", share)[0] for share in FIDELITY_SHARES}
+    assert len(levels) > 1
+    plain = codec.encode(crop, quality=quality, mode="fidelity")
+    fitted = codec.encode(crop, quality=quality, mode="fidelity", effort=2)
+    assert codec.encode(crop, quality=quality, mode="fidelity", effort=2) == fitted  # deterministic
+    h_plain, _ = container.unpack(plain)
+    h_fitted, _ = container.unpack(fitted)
+    assert (h_fitted.version, h_fitted.quality) == (h_plain.version, h_plain.quality)
+    assert h_fitted.level in levels
+    assert _layer_cost(codec, crop, fitted, step) < _layer_cost(codec, crop, plain, step)
+    # the chosen plan is the cheapest at effort 0, which the fit then improves on
+    effort0 = {}
+    for share in FIDELITY_SHARES:
+        monkeypatch.setattr(bdcodec.codec, "FIDELITY_SHARE", share)
+        data = codec.encode(crop, quality=quality, mode="fidelity")
+        effort0[container.unpack(data)[0].level] = _layer_cost(codec, crop, data, step)
+    assert effort0[h_fitted.level] == min(effort0.values())
 
 
 def test_effort_is_checked(codec, crop):
