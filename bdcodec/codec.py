@@ -179,6 +179,11 @@ def _tiled(fn, x: torch.Tensor, scale: float, tile: int, margin: int, progress: 
     return out
 
 
+def _add_residual(base: np.ndarray, residual: np.ndarray) -> np.ndarray:
+    """uint8 pixels of a base image plus a refinement residual (0..255 units)."""
+    return np.clip(np.round(np.asarray(base, dtype=np.float64) + residual), 0, 255).astype(np.uint8)
+
+
 class Codec:
     """A loaded model plus the coding logic.  Reuse one instance for many files."""
 
@@ -397,15 +402,13 @@ class Codec:
 
         def cost(q: float, level: float, step: float, lam: float) -> float:
             """Squared error of the fidelity decode + lam x bits, of the effort-0 file at ``level``."""
-            data = code(q, level, step, 0)
-            decoded = recons[(level, 0, None)].astype(np.float64)
-            if refined[(level, step)] is not None:
-                decoded = np.clip(np.round(decoded + refine.reconstruct(refined[(level, step)])), 0, 255)
-            return float(np.square(decoded - pixels).sum()) + lam * 8 * len(data)
+            kept: list = []
+            data = code(q, level, step, 0, kept)
+            decoded = _add_residual(recons[(level, 0, None)], refine.reconstruct(kept[0]))
+            return float(np.square(decoded.astype(np.float64) - pixels).sum()) + lam * 8 * len(data)
 
-        refined: dict[tuple, refine.Refinement | None] = {}  # (level, step) -> the effort-0 refinement
-
-        def code(q: float, level: float, step: float | None, effort: int) -> bytes:
+        def code(q: float, level: float, step: float | None, effort: int, kept: list | None = None) -> bytes:
+            """The file at ``level``; ``kept`` receives the refinement as decoded."""
             key = (level, effort, step if effort else None)  # the fit serves the refinement layer's step
             if key not in latents:
                 gain, _ = self.model.gains(level)
@@ -423,8 +426,8 @@ class Codec:
                 if key not in recons:
                     recons[key] = self._to_uint8(self._synthesize(y_hat_g, level, hgt, wid, progress), hgt, wid)
                 payload, ref = self._refine(pixels, recons[key], activity, step, edge=tiny, block_weight=block_weight)
-                if not effort:
-                    refined[(level, step)] = ref if payload else None
+                if kept is not None:
+                    kept.append(ref)
                 streams = dataclasses.replace(streams, refine=payload)
             header = Header(wid, hgt, q, self.weights_id, gray, mode, steps, seed, level=level)
             return container.pack(header, streams)
@@ -566,6 +569,6 @@ class Codec:
                 residual = refine.project(ref, pixels.astype(np.float64) - base)
             else:
                 residual = refine.reconstruct(ref)
-            pixels = np.clip(np.round(base + residual), 0, 255).astype(np.uint8)
+            pixels = _add_residual(base, residual)
         self.timings = {"entropy_decode": t1 - t0, "synthesis": t2 - t1, "refine": time.perf_counter() - t2}
         return pixels, header
