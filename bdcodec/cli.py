@@ -583,9 +583,10 @@ def main():
               help="The decode mode the file is made for: sets how bits are split between the latent and "
                    "the refinement layer, and the file's default decode mode.")
 @click.option("-e", "--effort", type=click.IntRange(0, MAX_EFFORT), default=DEFAULT_EFFORT, show_default=True,
-              help="Encoder effort 0..9: gradient steps that fit the latent to the image, and from 1 up (with "
-                   "--tune fidelity, above quality 50) a choice between rate plans per file (more: smaller files "
-                   "or higher PSNR, slower encodes; any effort decodes the same way). See the README's table.")
+              help="Encoder effort 0..9: gradient steps that fit the latent to the image; from 1 up (with "
+                   "--tune fidelity, above quality 50) refinement levels chosen by rate and distortion and a "
+                   "choice between rate plans per file, compared after a short fit from 7 up (more: smaller "
+                   "files or higher PSNR, slower encodes; any effort decodes the same way). See the README's table.")
 @click.option("--roi", "roi_path", type=click.Path(dir_okay=False), default=None, metavar="MASK",
               help="Region of interest: a grayscale image of the input's size, white = important. Its squared "
                    "error counts --roi-weight times more, so it gets more of the bits (effort at least "

@@ -68,6 +68,26 @@ def test_effort_chooses_a_fidelity_plan_and_lowers_its_cost(codec, crop, quality
     assert effort0[h_fitted.level] == min(effort0.values())
 
 
+def test_top_efforts_compare_the_plans_after_a_short_fit(codec, crop, monkeypatch):
+    import bdcodec.codec as cc
+
+    quality = 60.0
+    _, step = codec.plan(quality, "fidelity")
+    monkeypatch.setattr(cc, "FITTED_PLANS_FROM", 2)
+    monkeypatch.setattr(cc, "PLAN_PROBE_EFFORT", 1)
+    chosen = container.unpack(codec.encode(crop, quality=quality, mode="fidelity", effort=2))[0].level
+    # each plan alone, fitted at the probe's effort and coded as the probe is (no RDO)
+    monkeypatch.setattr(cc, "EFFORT_RDO", False)
+    probes = {}
+    for share in cc.FITTED_SHARES:
+        monkeypatch.setattr(cc, "FIDELITY_SHARES", (share,))
+        monkeypatch.setattr(cc, "FIDELITY_SHARE", share)
+        data = codec.encode(crop, quality=quality, mode="fidelity", effort=1)
+        probes[container.unpack(data)[0].level] = _layer_cost(codec, crop, data, step)
+    assert len(probes) == len(cc.FITTED_SHARES)
+    assert chosen == min(probes, key=probes.get)
+
+
 def test_effort_is_checked(codec, crop):
     from bdcodec.codec import BdcError
 
@@ -99,7 +119,9 @@ def test_region_of_interest_gets_the_bits_at_equal_size(codec, crop):
     assert len(plain) <= len(roi) <= 1.08 * len(plain)
     a, _ = codec.decode(roi, mode="fidelity")
     b, _ = codec.decode(plain, mode="fidelity")
-    assert _masked_psnr(crop, a, mask) > _masked_psnr(crop, b, mask) + 1.5
+    # the unmasked file is the best effort-2 file within the size (its own plan and RDO levels): +1.3 dB on
+    # this crop, +1.95 to +3.8 dB on the four Kodak images of examples/roi/ (README)
+    assert _masked_psnr(crop, a, mask) > _masked_psnr(crop, b, mask) + 1.2
     assert _masked_psnr(crop, a, ~mask) < _masked_psnr(crop, b, ~mask)
 
 
