@@ -397,18 +397,15 @@ class Codec:
 
         def at(q: float, effort: int) -> bytes:
             level, step = self.plan(q, mode)
-            # from effort 1 up, levels chosen by rate and distortion above REFINE_FROM
             rdo = EFFORT_RDO and bool(effort) and mode == "fidelity" and q > REFINE_FROM and block_weight is None
             if tiny:
                 step = min(step or TINY_STEP, TINY_STEP)
+            lam = refine.RDO_PRICE * 3 * (step or STEP_START) ** 2  # the plan step's price of a bit
             if block_weight is not None:
                 # regions of interest: a step fine enough for the region (squared error
                 # weighted w_in: step / sqrt(w_in)), levels chosen at the price of a bit of
                 # the plan's step, so that the rest keeps only what pays for itself there
-                lam = refine.RDO_PRICE * 3 * (step or STEP_START) ** 2
                 step = (step or STEP_START) / math.sqrt(block_weight.max())
-            elif step is not None:
-                lam = refine.RDO_PRICE * 3 * step**2
             if effort and mode == "fidelity" and q > REFINE_FROM and not tiny:
                 fitted = effort >= FITTED_PLANS_FROM
                 shares = FITTED_SHARES if fitted else FIDELITY_SHARES
