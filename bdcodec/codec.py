@@ -430,7 +430,11 @@ class Codec:
         def code(q: float, level: float, step: float | None, effort: int, kept: list | None = None,
                  rdo: bool = False) -> bytes:
             """The file at ``level``; ``kept`` receives the refinement as decoded."""
-            key = (level, effort, step if effort else None)  # the fit serves the refinement layer's step
+            # Above REFINE_FROM the fit serves the refinement layer's step (effort._DctCost).  At or
+            # below it the layer's coarse steps price a squared error at a third to a quarter of the
+            # latent's lambda; fitted at that price, quality 20 came out worse than quality 0 in more
+            # bytes (kodim23, effort 3), so there the fit uses the latent's own lambda.
+            key = (level, effort, step if effort else None)
             if key not in latents:
                 gain, _ = self.model.gains(level)
                 y = y0 * gain
@@ -439,7 +443,8 @@ class Codec:
                     t1 = time.perf_counter()
                     with _threads(self.threads):
                         y = refine_latent(self.model, x.to(self.device, memory_format=self._layout), y, hyper[1],
-                                          level, EFFORT_STEPS[effort], hgt, wid, weight=weight, dct_step=step)
+                                          level, EFFORT_STEPS[effort], hgt, wid, weight=weight,
+                                          dct_step=step if q > REFINE_FROM else None)
                     self.timings["effort"] = self.timings.get("effort", 0.0) + time.perf_counter() - t1
                 latents[key] = self._encode_latent(y, hyper)
             streams, y_hat_g, activity = latents[key]

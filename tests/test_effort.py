@@ -23,12 +23,13 @@ def _cost(codec, pixels, data, level):
     return 8 * len(data) + codec.model.lmbda(level) * 255**2 * sse / 3
 
 
-def test_effort_lowers_the_rate_distortion_cost_and_files_decode_as_before(codec, crop):
-    level, _ = codec.plan(0.0, "fidelity")
-    plain = codec.encode(crop, quality=0.0, mode="fidelity")
-    fitted = codec.encode(crop, quality=0.0, mode="fidelity", effort=3)
+@pytest.mark.parametrize("quality", [0.0, 20.0])  # 20: with a coarse refinement layer, fitted at the latent's lambda
+def test_effort_lowers_the_rate_distortion_cost_and_files_decode_as_before(codec, crop, quality):
+    level, _ = codec.plan(quality, "fidelity")
+    plain = codec.encode(crop, quality=quality, mode="fidelity")
+    fitted = codec.encode(crop, quality=quality, mode="fidelity", effort=3)
     assert fitted != plain
-    assert codec.encode(crop, quality=0.0, mode="fidelity", effort=3) == fitted  # deterministic
+    assert codec.encode(crop, quality=quality, mode="fidelity", effort=3) == fitted  # deterministic
     h_plain, _ = container.unpack(plain)
     h_fitted, _ = container.unpack(fitted)
     assert (h_fitted.version, h_fitted.level, h_fitted.quality) == (h_plain.version, h_plain.level, h_plain.quality)
