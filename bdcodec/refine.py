@@ -163,12 +163,13 @@ def _bernoulli_bits(n1: np.ndarray, n0: np.ndarray, byte: np.ndarray) -> np.ndar
     return -(n1 * np.log2(p) + n0 * np.log2(1 - p))
 
 
-def _fit(q: np.ndarray, bands: np.ndarray, n_bands: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Choose (p byte, theta byte) per band; returns them and the estimated bits."""
-    flat_b = bands.ravel()
-    nz = q.ravel() != 0
-    n = np.bincount(flat_b, minlength=n_bands)
-    n1 = np.bincount(flat_b, weights=nz, minlength=n_bands)
+def _fit(n: np.ndarray, n1: np.ndarray, hist: np.ndarray, escapes: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Choose (p byte, theta byte) per band from its counts; returns them and the estimated bits.
+
+    ``n``: coefficients per band, ``n1``: the nonzero ones, ``hist``: (bands, MAG)
+    histogram of min(|level| - 1, MAG - 1), ``escapes``: levels past the alphabet.
+    """
+    n_bands = len(n)
     guess = np.clip(np.round(n1 / np.maximum(n, 1) * 256), 1, 255)
     cands = np.clip(guess[None] + np.arange(-1, 2)[:, None], 1, 255)
     cost = _bernoulli_bits(n1[None], (n - n1)[None], cands)
@@ -176,19 +177,31 @@ def _fit(q: np.ndarray, bands: np.ndarray, n_bands: int) -> tuple[np.ndarray, np
     bits = cost.min(0)
     pbyte[n1 == 0] = 0
     bits[n1 == 0] = 0
-    m = np.minimum(np.abs(q.ravel()[nz]) - 1, MAG - 1)
-    hist = np.zeros((n_bands, MAG))
-    np.add.at(hist, (flat_b[nz], m), 1)
     mcost = hist @ _MAG_BITS.T  # (bands, 256)
     tbyte = mcost.argmin(1)
-    esc = np.abs(q.ravel()[nz]) - 1 >= MAG - 1
-    total = bits.sum() + mcost.min(1).sum() + n1.sum() + esc.sum() * ESC_BITS
+    total = bits.sum() + mcost.min(1).sum() + n1.sum() + escapes * ESC_BITS
     total += 8 * (np.count_nonzero(pbyte) + n_bands)
     return pbyte, tbyte, float(total)
 
 
 def _best_model(q: np.ndarray, activity: np.ndarray) -> tuple:
-    """(bits, K, thresholds, bands, p bytes, theta bytes) of the cheapest class split for ``q``."""
+    """(bits, K, thresholds, bands, p bytes, theta bytes) of the cheapest class split for ``q``.
+
+    The counts are taken once per (component, diagonal, activity value), over the
+    nonzero levels only; each class split then merges them, and only the chosen
+    split's band map is built for the whole image.
+    """
+    values, of_block = np.unique(activity, return_inverse=True)
+    n_values = len(values)
+    per_diagonal = np.bincount(_DIAG, minlength=DIAGONALS)
+    n = np.broadcast_to(np.outer(per_diagonal, np.bincount(of_block, minlength=n_values)),
+                        (3, DIAGONALS, n_values)).ravel()
+    comp, block, coef = np.nonzero(q)
+    key = (comp * DIAGONALS + _DIAG[coef]) * n_values + of_block[block]
+    mag = np.abs(q[comp, block, coef]).astype(np.int64) - 1
+    n1 = np.bincount(key, minlength=n.size).astype(np.float64)
+    hist = np.bincount(key * MAG + np.minimum(mag, MAG - 1), minlength=n.size * MAG).reshape(n.size, MAG)
+    escapes = int(np.count_nonzero(mag >= MAG - 1))
     best = None
     tried = set()
     for classes in range(1, MAX_CLASSES + 1):
@@ -198,11 +211,16 @@ def _best_model(q: np.ndarray, activity: np.ndarray) -> tuple:
         if k in tried:
             continue
         tried.add(k)
-        bands = _band_ids(_classes(activity, thresholds), k)
-        pbyte, tbyte, bits = _fit(q, bands, 3 * DIAGONALS * k)
+        n_bands = 3 * DIAGONALS * k
+        band = (np.arange(3 * DIAGONALS)[:, None] * k + _classes(values, thresholds)[None]).ravel()
+        merged = np.zeros((n_bands, MAG))
+        np.add.at(merged, band, hist)
+        pbyte, tbyte, bits = _fit(np.bincount(band, weights=n, minlength=n_bands),
+                                  np.bincount(band, weights=n1, minlength=n_bands), merged, escapes)
         if best is None or bits < best[0]:
-            best = (bits, k, thresholds, bands, pbyte, tbyte)
-    return best
+            best = (bits, k, thresholds, pbyte, tbyte)
+    bits, k, thresholds, pbyte, tbyte = best
+    return bits, k, thresholds, _band_ids(_classes(activity, thresholds), k), pbyte, tbyte
 
 
 def _rdo_quantize(a: np.ndarray, bands: np.ndarray, pbyte: np.ndarray, tbyte: np.ndarray,
@@ -239,8 +257,13 @@ def quantize(coef: np.ndarray, steps: np.ndarray) -> np.ndarray:
 
 
 def quantize_scaled(a: np.ndarray) -> np.ndarray:
-    """Dead-zone levels of coefficients already divided by their steps."""
-    return (np.sign(a) * np.floor(np.abs(a) + ROUNDING)).astype(np.int32)
+    """Dead-zone levels of coefficients already divided by their steps.
+
+    ``trunc(a + copysign(ROUNDING, a))`` is ``sign(a) * floor(|a| + ROUNDING)`` (the
+    sum is exact up to its sign), in fewer passes over the coefficients."""
+    out = np.copysign(ROUNDING, a)
+    out += a
+    return np.trunc(out, out=out).astype(np.int32)
 
 
 def _steps(step16: int, chroma16: int) -> np.ndarray:
