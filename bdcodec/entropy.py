@@ -214,12 +214,15 @@ class LaplacianEntropyModel(nn.Module):
             done += c
 
     def chunk_params(
-        self, j: int, psi: torch.Tensor, prev: torch.Tensor | None, y_anchor: torch.Tensor | None
+        self, j: int, psi: torch.Tensor, prev: torch.Tensor | None, y_anchor: torch.Tensor | None,
+        channel: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma) of chunk ``j`` over the whole map.
 
         ``prev`` is y_hat of chunks < j (None for j = 0); ``y_anchor`` is the
         chunk's decoded anchors with zeros elsewhere, or None for the anchor pass.
+        ``channel``, when given, is ``g_ch[j](prev)`` already computed: both passes
+        of a chunk share it.
         """
         c = self.chunks[j]
         b, _, h, w = psi.shape
@@ -232,7 +235,7 @@ class LaplacianEntropyModel(nn.Module):
             if self.global_context:
                 parts.append(self.g_gs[j](y_anchor))
         if j > 0:
-            parts.append(self.g_ch[j](prev))
+            parts.append(self.g_ch[j](prev) if channel is None else channel)
         parts.append(psi)
         mu, sigma = self.g_ep[j](torch.cat(parts, 1)).chunk(2, 1)
         return mu, sigma
@@ -249,10 +252,11 @@ class LaplacianEntropyModel(nn.Module):
         y_hats, mus, sigmas = [], [], []
         for j, y_j in enumerate(y.split(self.chunks, 1)):
             prev = torch.cat(y_hats, 1) if j else None
-            mu_a, s_a = self.chunk_params(j, psi, prev, None)
+            channel = self.g_ch[j](prev) if j else None
+            mu_a, s_a = self.chunk_params(j, psi, prev, None, channel)
             ya_hat = _ste_round(y_j - mu_a) + mu_a
             ya_hat = ya_hat * anchors
-            mu_n, s_n = self.chunk_params(j, psi, prev, ya_hat)
+            mu_n, s_n = self.chunk_params(j, psi, prev, ya_hat, channel)
             mu = torch.where(anchors, mu_a, mu_n)
             sigma = torch.where(anchors, s_a, s_n)
             y_hats.append(_ste_round(y_j - mu) + mu)
