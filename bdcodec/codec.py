@@ -292,10 +292,10 @@ class Codec:
         offset = 0
         for j, c in enumerate(ent.chunks):
             prev = torch.cat(y_hats, 1) if j else None
-            channel = ent.g_ch[j](prev) if j else None
+            channel = ent.channel_context(j, prev)
             ya = torch.zeros(1, c, h, w)
             for p, sel in enumerate((anchors, ~anchors)):
-                mu, sigma = ent.chunk_params(j, psi, prev, ya if p else None, channel)
+                mu, sigma = ent.chunk_params(j, psi, channel, ya if p else None)
                 mu_s = mu[:, :, sel]
                 idx = scale_indexes(sigma[:, :, sel]).numpy()
                 activity[sel.numpy()] += idx.reshape(c, -1).sum(0)

@@ -213,16 +213,20 @@ class LaplacianEntropyModel(nn.Module):
             self.g_ep.append(_ramp(ctx_ch, 2 * c))
             done += c
 
+    def channel_context(self, j: int, prev: torch.Tensor | None) -> torch.Tensor | None:
+        """g_ch of chunk ``j`` from y_hat of chunks < j (``prev``); None for the first chunk.
+
+        Both passes of a chunk see the same earlier chunks, so they share it."""
+        return self.g_ch[j](prev) if j else None
+
     def chunk_params(
-        self, j: int, psi: torch.Tensor, prev: torch.Tensor | None, y_anchor: torch.Tensor | None,
-        channel: torch.Tensor | None = None,
+        self, j: int, psi: torch.Tensor, channel: torch.Tensor | None, y_anchor: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma) of chunk ``j`` over the whole map.
 
-        ``prev`` is y_hat of chunks < j (None for j = 0); ``y_anchor`` is the
-        chunk's decoded anchors with zeros elsewhere, or None for the anchor pass.
-        ``channel``, when given, is ``g_ch[j](prev)`` already computed: both passes
-        of a chunk share it.
+        ``channel`` is :meth:`channel_context` of the chunk (None for j = 0);
+        ``y_anchor`` is the chunk's decoded anchors with zeros elsewhere, or None
+        for the anchor pass.
         """
         c = self.chunks[j]
         b, _, h, w = psi.shape
@@ -235,7 +239,7 @@ class LaplacianEntropyModel(nn.Module):
             if self.global_context:
                 parts.append(self.g_gs[j](y_anchor))
         if j > 0:
-            parts.append(self.g_ch[j](prev) if channel is None else channel)
+            parts.append(channel)
         parts.append(psi)
         mu, sigma = self.g_ep[j](torch.cat(parts, 1)).chunk(2, 1)
         return mu, sigma
@@ -252,11 +256,11 @@ class LaplacianEntropyModel(nn.Module):
         y_hats, mus, sigmas = [], [], []
         for j, y_j in enumerate(y.split(self.chunks, 1)):
             prev = torch.cat(y_hats, 1) if j else None
-            channel = self.g_ch[j](prev) if j else None
-            mu_a, s_a = self.chunk_params(j, psi, prev, None, channel)
+            channel = self.channel_context(j, prev)
+            mu_a, s_a = self.chunk_params(j, psi, channel, None)
             ya_hat = _ste_round(y_j - mu_a) + mu_a
             ya_hat = ya_hat * anchors
-            mu_n, s_n = self.chunk_params(j, psi, prev, ya_hat, channel)
+            mu_n, s_n = self.chunk_params(j, psi, channel, ya_hat)
             mu = torch.where(anchors, mu_a, mu_n)
             sigma = torch.where(anchors, s_a, s_n)
             y_hats.append(_ste_round(y_j - mu) + mu)
