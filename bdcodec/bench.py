@@ -361,6 +361,8 @@ def run_perception(codec, refs: dict, metrics, out_dir: Path, qualities=PERCEPTI
                                 ("avif", avif, len(adata))):
                 m = metrics(ref, img)
                 m.update(bpp=8 * n / pixels, period8=periodic_structure(img, 8), period4=periodic_structure(img, 4))
+                if metrics.lpips is not None:
+                    m["lpips_offsets"] = metrics.lpips_offsets(ref, img)
                 if key == "perceptual":
                     m["dec_s"] = dec_s
                     if metrics.lpips is not None:
@@ -425,12 +427,14 @@ def _perception_report(p: dict) -> list[str]:
              "that fits in the same bytes; periodic structure of the originals: "
              f"period 8 {o[8]:.3f}, period 4 {o[4]:.3f}"
              + (f"; FID/KID over {p['fid_patches']} patches of 256 px" if p["fid_patches"] else "") + ")", "",
-             "| quality | decoder | bpp | PSNR | MS-SSIM | LPIPS | FID | KID | diversity | period 8 | period 4 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| quality | decoder | bpp | PSNR | MS-SSIM | LPIPS | LPIPS, 4 offsets | FID | KID | diversity | period 8 "
+             "| period 4 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rates"]:
         lines.append(f"| {r['quality']:g} | {r['decoder']} | {r['bpp']:.4f} | {r['psnr']:.2f} | "
-                     f"{_fmt(r.get('msssim'), '.4f')} | {_fmt(r.get('lpips'), '.4f')} | {_fmt(r.get('fid'), '.1f')} | "
-                     f"{_fmt(r.get('kid'), '.4f')} | {_fmt(r.get('diversity'), '.4f')} | {r['period8']:.3f} | "
+                     f"{_fmt(r.get('msssim'), '.4f')} | {_fmt(r.get('lpips'), '.4f')} | "
+                     f"{_fmt(r.get('lpips_offsets'), '.4f')} | "
+                     f"{_fmt(r.get('fid'), '.1f')} | {_fmt(r.get('kid'), '.4f')} | {_fmt(r.get('diversity'), '.4f')} | "
+                     f"{r['period8']:.3f} | "
                      f"{r['period4']:.3f} |")
     q0 = p["rates"][0]["quality"] if p["rates"] else 0
     lines += ["", f"Temperature at quality {q0:g}:", "", "| temperature | PSNR | LPIPS | FID | KID |",

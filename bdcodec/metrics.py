@@ -75,6 +75,24 @@ def lpips_model(alex_path: str):
     return _LPIPS()
 
 
+# Offsets (rows, columns) for lpips_shifted: spread over AlexNet's deepest stride, 16.
+LPIPS_SHIFTS = ((0, 0), (3, 9), (6, 2), (11, 13))
+
+
+def lpips_shifted(fn, a, b, shifts=LPIPS_SHIFTS) -> float:
+    """LPIPS of images ``a``, ``b`` (N,3,H,W in 0..1) averaged over crops at several offsets.
+
+    AlexNet samples every 4th pixel in its first layer (every 8th and 16th deeper), always from the
+    top-left corner.  A decoder whose output pixels have phases of their own (a pixel shuffle) can
+    lower plain LPIPS with a pattern aligned to that grid, which the same pattern at any other
+    offset raises; averaged over offsets, such a pattern no longer pays.
+    """
+    import torch
+
+    with torch.no_grad():
+        return float(sum(float(fn(a[..., dy:, dx:], b[..., dy:, dx:])) for dy, dx in shifts) / len(shifts))
+
+
 def find_lpips_weights(explicit: str | None) -> str | None:
     """AlexNet features for LPIPS: ``explicit``, ``$BDCODEC_LPIPS_WEIGHTS``, torchvision's cache, or
     ``shared/metric-weights`` beside the repository; None when none exists."""
@@ -120,6 +138,15 @@ class Metrics:
             if self.lpips is not None:
                 out["lpips"] = float(self.lpips(b, a))
         return out
+
+    def lpips_offsets(self, ref: np.ndarray, img: np.ndarray) -> float | None:
+        """LPIPS averaged over the offsets of :func:`lpips_shifted` (None without LPIPS weights)."""
+        if self.lpips is None:
+            return None
+        torch = self.torch
+        a = torch.tensor(ref).permute(2, 0, 1)[None].float() / 255
+        b = torch.tensor(img).permute(2, 0, 1)[None].float() / 255
+        return lpips_shifted(self.lpips, b, a)
 
 
 def _kid(a: np.ndarray, b: np.ndarray) -> float:

@@ -34,7 +34,7 @@ from PIL import Image
 
 from .diffusion import BlurSchedule
 from .model import BDCodecModel, ModelConfig
-from .metrics import find_lpips_weights, lpips_model, psnr_tensor
+from .metrics import find_lpips_weights, lpips_model, lpips_shifted, psnr_tensor
 from .weights import DECODER_PARTS, lineage, load_model, save_model
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -233,6 +233,27 @@ class PatchDiscriminator(torch.nn.Module):
         return self.net(torch.cat([img, x_bar], 1))
 
 
+def lattice_loss(x0: torch.Tensor, x: torch.Tensor, period: int = 8) -> torch.Tensor:
+    """RMS difference between the per-phase luma detail of ``x0`` and of ``x`` (N,3,H,W in 0..1).
+
+    The differentiable form of :func:`bdcodec.metrics.periodic_structure`: luma minus its 3x3 box
+    blur, averaged per pixel phase ``(y mod period, x mod period)`` of each image.  Content averages
+    out over the phases; a lattice drawn by the decoder does not, and this term pays for it.
+    """
+    w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x0.dtype).view(1, 3, 1, 1)
+
+    def phases(img):
+        luma = (img * w).sum(1, keepdim=True)
+        detail = luma - F.avg_pool2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        n, _, h, wd = detail.shape
+        h, wd = h // period * period, wd // period * period
+        return detail[..., :h, :wd].reshape(n, h // period, period, wd // period, period).mean((1, 3))
+
+    d = phases(x0) - phases(x.to(x0.dtype))
+    d = d - d.mean((1, 2), keepdim=True)
+    return (d.pow(2).mean((1, 2)) + 1e-12).sqrt().mean()
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["pack"]:
@@ -266,6 +287,11 @@ def main(argv=None):
     ap.add_argument("--even-chunks", action="store_true", help="ablation: even channel chunks")
     ap.add_argument("--lpips-weights", default=None, help="AlexNet features file for LPIPS (diffusion stage)")
     ap.add_argument("--lpips-weight", type=float, default=0.5)
+    ap.add_argument("--lpips-shift", type=int, default=16,
+                    help="diffusion stage: drop a random 0..N-1 rows and columns before LPIPS, so the decoder's "
+                         "pixel phases never line up with AlexNet's stride-4/8/16 sampling grid (1: off)")
+    ap.add_argument("--lattice-weight", type=float, default=0.0,
+                    help="diffusion stage: weight of the RMS per-phase (8 px) luma detail of x0 beyond the target's")
     ap.add_argument("--gan-weight", type=float, default=0.0,
                     help="stage diffusion: weight of a hinge adversarial term from a conditional PatchGAN (0: none)")
     ap.add_argument("--t-min", type=float, default=0.0,
@@ -444,7 +470,9 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
                  "lambdas": list(cfg.lambdas), "precision": "bf16" if use_bf16 else "fp32"}
     if stage == "diffusion":
         stage_rec.update(lpips_weight=args.lpips_weight if lpips_fn else 0, gan_weight=args.gan_weight,
-                         t_min=args.t_min, **({"mse_weight": args.mse_weight} if cfg.decoder == 2 else {}))
+                         t_min=args.t_min, lattice_weight=args.lattice_weight,
+                         **({"lpips_shift": args.lpips_shift} if lpips_fn else {}),
+                         **({"mse_weight": args.mse_weight} if cfg.decoder == 2 else {}))
     if resumed_stage:
         stage_rec.update(start_step=resumed_stage["start_step"], started=resumed_stage["started"])
     stage_rec["minutes_before"] = (resumed_stage or {}).get("minutes", 0.0)
@@ -489,9 +517,15 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
                     loss = l1
                 else:  # EDM: the squared error of x0 divided by c_out^2 weighs every noise level alike
                     loss = args.mse_weight * (((x0.float() - (x * 2 - 1)) / c_out.float()) ** 2).mean()
-                if lpips_fn is not None:
-                    loss = loss + args.lpips_weight * lpips_fn(x0_01.float(), x)
+                if lpips_fn is not None:  # at a random offset: see --lpips-shift
+                    dy, dx = (rng.randrange(args.lpips_shift) for _ in range(2)) if args.lpips_shift > 1 else (0, 0)
+                    loss = loss + args.lpips_weight * lpips_fn(x0_01[..., dy:, dx:].float(), x[..., dy:, dx:])
+                if args.lattice_weight > 0:
+                    lat = lattice_loss(x0_01.float(), x)
+                    loss = loss + args.lattice_weight * lat
                 stats = {"l1": l1, "psnr": F.mse_loss(x0_01.detach().float().clamp(0, 1), x)}
+                if args.lattice_weight > 0:
+                    stats["lattice"] = lat.detach()
                 if disc is not None:
                     disc.requires_grad_(False)
                     loss = loss - args.gan_weight * disc(x0, x_bar * 2 - 1).float().mean()
@@ -619,7 +653,7 @@ def validate(model: BDCodecModel, val: list[torch.Tensor], stage: str, schedule:
             if min(x.shape[-2:]) > 160:
                 msssim.append(float(ms_ssim(x_bar, x, data_range=1.0)))
             if lpips_fn is not None:
-                lps.append(float(lpips_fn(x_bar, x)))
+                lps.append(lpips_shifted(lpips_fn, x_bar, x))
         b, p = float(np.mean(bpps)), float(np.mean(psnrs))
         res[f"bpp@{level:g}"] = b
         res[f"psnr@{level:g}"] = p

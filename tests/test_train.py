@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -41,12 +42,12 @@ def test_rd_then_diffusion_resume_and_export(data, tmp_path):
     train_main(["--run-dir", str(rd), "--export", str(tmp_path / "rd.safetensors")])
     diff = tmp_path / "diff"
     diffusion = ("--stage", "diffusion", "--init", str(tmp_path / "rd.safetensors"), "--gan-weight", "0.1",
-                 "--t-min", "0.5", "--lpips-weights", str(tmp_path / "none.pth"))
+                 "--t-min", "0.5", "--lattice-weight", "2", "--lpips-weights", str(tmp_path / "none.pth"))
     train_main(_args(data, diff, *diffusion, "--steps", "2"))
     first = torch.load(diff / "last.pt", weights_only=False)
     train_main(_args(data, diff, *diffusion, "--steps", "3", "--resume"))
     ckpt = torch.load(diff / "last.pt", weights_only=False)
-    assert ckpt["step"] == 3 and "d_hinge" in json.dumps(ckpt["history"])
+    assert ckpt["step"] == 3 and "d_hinge" in json.dumps(ckpt["history"]) and "lattice" in json.dumps(ckpt["history"])
     d0, d1 = first["disc"], ckpt["disc"]  # the discriminator is checkpointed and keeps learning on resume
     assert d0.keys() == d1.keys() and any(not torch.equal(d0[k], d1[k]) for k in d0)
     out = tmp_path / "full.safetensors"
@@ -56,6 +57,7 @@ def test_rd_then_diffusion_resume_and_export(data, tmp_path):
     assert [s["stage"] for s in record["stages"]] == ["rd", "diffusion"]
     assert record["stages"][0]["total_step"] == 3
     assert record["stages"][1]["gan_weight"] == 0.1 and record["stages"][1]["t_min"] == 0.5
+    assert record["stages"][1]["lattice_weight"] == 2
     # only the diffusion decoder changed, so the new weights read the files of the R-D stage's
     assert json.loads(meta["reads"]) == [read_metadata(tmp_path / "rd.safetensors")["weights_id"]]
     assert not any(k.startswith("disc") for k in load_model(out)[0].state_dict())
@@ -154,3 +156,22 @@ def test_bf16_autocast_keeps_likelihoods_in_fp32_and_close_to_fp32():
     assert out["x_bar"].dtype == torch.float32
     assert abs(bpp16.item() - bpp32.item()) < 0.05 * bpp32.item()
     assert abs(mse16.item() - mse32.item()) < 0.05 * mse32.item()
+
+
+def test_lattice_loss_pays_for_a_drawn_lattice_and_not_for_content():
+    import torch
+
+    from bdcodec.train import lattice_loss
+
+    photo = np.asarray(Image.open(Path(__file__).parent.parent / "examples" / "kodim23.png").convert("RGB"))
+    photo = photo[:192, :256].astype(np.float32)
+    yy, xx = np.mgrid[:192, :256]
+    drawn = np.clip(photo + 3.0 * ((xx % 8 == 3) | (yy % 8 == 5))[..., None], 0, 255)  # 3 grey levels
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a) / 255).permute(2, 0, 1)[None].float()  # noqa: E731
+    assert float(lattice_loss(t(photo), t(photo))) < 1e-4
+    assert 0.6 < 255 * float(lattice_loss(t(drawn), t(photo))) < 3
+    shifted = np.roll(photo, (3, 5), axis=(0, 1))  # other content, no lattice
+    assert 255 * float(lattice_loss(t(shifted), t(photo))) < 0.5
+    x0 = t(drawn).requires_grad_(True)
+    lattice_loss(x0, t(photo)).backward()
+    assert torch.isfinite(x0.grad).all() and x0.grad.abs().sum() > 0
