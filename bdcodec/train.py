@@ -233,25 +233,30 @@ class PatchDiscriminator(torch.nn.Module):
         return self.net(torch.cat([img, x_bar], 1))
 
 
-def lattice_loss(x0: torch.Tensor, x: torch.Tensor, period: int = 8) -> torch.Tensor:
-    """RMS difference between the per-phase luma detail of ``x0`` and of ``x`` (N,3,H,W in 0..1).
+def lattice_loss(x0: torch.Tensor, x: torch.Tensor, period: int = 8, tile: int = 64) -> torch.Tensor:
+    """Periodic structure of ``x0`` beyond that of ``x`` (N,3,H,W in 0..1), tile by tile.
 
-    The differentiable form of :func:`bdcodec.metrics.periodic_structure`: luma minus its 3x3 box
-    blur, averaged per pixel phase ``(y mod period, x mod period)`` of each image.  Content averages
-    out over the phases; a lattice drawn by the decoder does not, and this term pays for it.
+    The differentiable form of :func:`bdcodec.metrics.periodic_structure`, per ``tile`` x ``tile``
+    square: the luma's detail (luma minus its 3x3 box blur) is averaged per pixel phase
+    ``(y mod period, x mod period)`` and the RMS of that map about its mean is taken.  Content
+    averages out over the phases; a lattice drawn by the decoder does not, even one whose phase
+    or sign changes from place to place.  Returns the mean over tiles of how far the decode's
+    measure exceeds the target's (a decode smoother than its target costs nothing).
     """
     w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x0.dtype).view(1, 3, 1, 1)
 
-    def phases(img):
+    def measure(img):
         luma = (img * w).sum(1, keepdim=True)
         detail = luma - F.avg_pool2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
         n, _, h, wd = detail.shape
-        h, wd = h // period * period, wd // period * period
-        return detail[..., :h, :wd].reshape(n, h // period, period, wd // period, period).mean((1, 3))
+        t = min(tile, h, wd) // period * period
+        d = detail[..., : h // t * t, : wd // t * t]
+        d = d.reshape(n, h // t, t // period, period, wd // t, t // period, period)
+        phases = d.mean((2, 5))  # n, tiles_y, period, tiles_x, period
+        phases = phases - phases.mean((2, 4), keepdim=True)
+        return (phases.pow(2).mean((2, 4)) + 1e-12).sqrt()
 
-    d = phases(x0) - phases(x.to(x0.dtype))
-    d = d - d.mean((1, 2), keepdim=True)
-    return (d.pow(2).mean((1, 2)) + 1e-12).sqrt().mean()
+    return F.relu(measure(x0) - measure(x.to(x0.dtype))).mean()
 
 
 def main(argv=None):
@@ -291,7 +296,7 @@ def main(argv=None):
                     help="diffusion stage: drop a random 0..N-1 rows and columns before LPIPS, so the decoder's "
                          "pixel phases never line up with AlexNet's stride-4/8/16 sampling grid (1: off)")
     ap.add_argument("--lattice-weight", type=float, default=0.0,
-                    help="diffusion stage: weight of the RMS per-phase (8 px) luma detail of x0 beyond the target's")
+                    help="diffusion stage: weight of the periodic structure (8 px, per 64-px tile) of x0 beyond the target's")
     ap.add_argument("--gan-weight", type=float, default=0.0,
                     help="stage diffusion: weight of a hinge adversarial term from a conditional PatchGAN (0: none)")
     ap.add_argument("--t-min", type=float, default=0.0,
