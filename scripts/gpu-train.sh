@@ -7,8 +7,8 @@
 # RD_SHARE (default 0.6) is the share of the training time given to the R-D stage, DIFFUSION_LR (default
 # 1e-4) the diffusion stage's learning rate.  STAGE=diffusion gives the whole window to the diffusion
 # decoder (the R-D parts stay those of the weights); DECODER=2 starts a fresh decoder of design 2 when
-# the weights carry another; INIT=FILE starts from FILE instead of the shipped weights; GAN_WEIGHT and T_MIN
-# pass --gan-weight and --t-min to the diffusion stage.
+# the weights carry another; INIT=FILE starts from FILE instead of the shipped weights; GAN_WEIGHT, T_MIN and
+# LATTICE_WEIGHT pass --gan-weight, --t-min and --lattice-weight to the diffusion stage.
 #
 # Run from the repository root on a CUDA machine with python3, torch, numpy, pillow, click and
 # safetensors.  What it does not have comes along in ignored folders, prepared on a machine with pip:
@@ -55,7 +55,8 @@ else
 fi
 timeout --signal=INT --kill-after=15 "$(python3 -c "print(int($minutes * 60 + 40))")" \
     python3 -m bdcodec.train "${stage_args[@]}" ${DECODER:+--decoder "$DECODER"} ${INIT:+--init "$INIT"} \
-    ${GAN_WEIGHT:+--gan-weight "$GAN_WEIGHT"} ${T_MIN:+--t-min "$T_MIN"} --data .gpu/train.tar \
+    ${GAN_WEIGHT:+--gan-weight "$GAN_WEIGHT"} ${T_MIN:+--t-min "$T_MIN"} \
+    ${LATTICE_WEIGHT:+--lattice-weight "$LATTICE_WEIGHT"} --data .gpu/train.tar \
     --val examples --val-limit 3 --minutes "$minutes" --crop 256 --batch 32 --lr-final 1e-5 \
     --ckpt-minutes 1 --val-every 200 --out "$out/bdcodec-gpu.safetensors" --shard-mb 16 \
     --lpips-weights .gpu/alexnet-features-fp16.pth
