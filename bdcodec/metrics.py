@@ -42,6 +42,26 @@ def periodic_structure(img: np.ndarray, period: int = 8) -> float:
     return float(np.sqrt(np.mean((phases - phases.mean()) ** 2)))
 
 
+def periodic_structure_tiles(img, period: int = 8, tile: int = 64):
+    """:func:`periodic_structure` of ``img`` (N,3,H,W tensor in 0..1) in every ``tile`` x ``tile`` square.
+
+    Differentiable (torch), for training; returns (N, H // tile, W // tile) in the image's units.
+    Per square it also finds a lattice whose phase or sign changes across the image.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    w = torch.tensor([0.299, 0.587, 0.114], device=img.device, dtype=img.dtype).view(1, 3, 1, 1)
+    luma = (img * w).sum(1, keepdim=True)
+    detail = luma - F.avg_pool2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    n, _, h, wd = detail.shape
+    t = min(tile, h, wd) // period * period
+    d = detail[..., : h // t * t, : wd // t * t]
+    phases = d.reshape(n, h // t, t // period, period, wd // t, t // period, period).mean((2, 5))
+    phases = phases - phases.mean((2, 4), keepdim=True)
+    return (phases.pow(2).mean((2, 4)) + 1e-12).sqrt()
+
+
 def psnr_tensor(a, b) -> float:
     """PSNR in dB of tensors in 0..1 (``a`` is clamped first)."""
     import torch.nn.functional as F
@@ -130,8 +150,7 @@ class Metrics:
     def __call__(self, ref: np.ndarray, img: np.ndarray) -> dict:
         torch = self.torch
         out = {"psnr": psnr(ref, img)}
-        a = torch.tensor(ref).permute(2, 0, 1)[None].float() / 255  # a copy: decoded arrays may be read-only
-        b = torch.tensor(img).permute(2, 0, 1)[None].float() / 255
+        a, b = self._tensor(ref), self._tensor(img)
         with torch.no_grad():
             if min(ref.shape[:2]) > 160:
                 out["msssim"] = float(self._ms_ssim(a, b, data_range=1.0))
@@ -143,10 +162,11 @@ class Metrics:
         """LPIPS averaged over the offsets of :func:`lpips_shifted` (None without LPIPS weights)."""
         if self.lpips is None:
             return None
-        torch = self.torch
-        a = torch.tensor(ref).permute(2, 0, 1)[None].float() / 255
-        b = torch.tensor(img).permute(2, 0, 1)[None].float() / 255
-        return lpips_shifted(self.lpips, b, a)
+        return lpips_shifted(self.lpips, self._tensor(img), self._tensor(ref))
+
+    def _tensor(self, arr: np.ndarray):
+        """1,3,H,W float in 0..1; a copy, since decoded arrays may be read-only."""
+        return self.torch.tensor(arr).permute(2, 0, 1)[None].float() / 255
 
 
 def _kid(a: np.ndarray, b: np.ndarray) -> float:

@@ -34,7 +34,7 @@ from PIL import Image
 
 from .diffusion import BlurSchedule
 from .model import BDCodecModel, ModelConfig
-from .metrics import find_lpips_weights, lpips_model, lpips_shifted, psnr_tensor
+from .metrics import find_lpips_weights, lpips_model, lpips_shifted, periodic_structure_tiles, psnr_tensor
 from .weights import DECODER_PARTS, lineage, load_model, save_model
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
@@ -233,30 +233,11 @@ class PatchDiscriminator(torch.nn.Module):
         return self.net(torch.cat([img, x_bar], 1))
 
 
-def lattice_loss(x0: torch.Tensor, x: torch.Tensor, period: int = 8, tile: int = 64) -> torch.Tensor:
-    """Periodic structure of ``x0`` beyond that of ``x`` (N,3,H,W in 0..1), tile by tile.
-
-    The differentiable form of :func:`bdcodec.metrics.periodic_structure`, per ``tile`` x ``tile``
-    square: the luma's detail (luma minus its 3x3 box blur) is averaged per pixel phase
-    ``(y mod period, x mod period)`` and the RMS of that map about its mean is taken.  Content
-    averages out over the phases; a lattice drawn by the decoder does not, even one whose phase
-    or sign changes from place to place.  Returns the mean over tiles of how far the decode's
-    measure exceeds the target's (a decode smoother than its target costs nothing).
-    """
-    w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x0.dtype).view(1, 3, 1, 1)
-
-    def measure(img):
-        luma = (img * w).sum(1, keepdim=True)
-        detail = luma - F.avg_pool2d(F.pad(luma, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        n, _, h, wd = detail.shape
-        t = min(tile, h, wd) // period * period
-        d = detail[..., : h // t * t, : wd // t * t]
-        d = d.reshape(n, h // t, t // period, period, wd // t, t // period, period)
-        phases = d.mean((2, 5))  # n, tiles_y, period, tiles_x, period
-        phases = phases - phases.mean((2, 4), keepdim=True)
-        return (phases.pow(2).mean((2, 4)) + 1e-12).sqrt()
-
-    return F.relu(measure(x0) - measure(x.to(x0.dtype))).mean()
+def lattice_loss(x0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """How far the periodic structure of ``x0`` exceeds that of ``x`` (N,3,H,W in 0..1), averaged over
+    64-px squares (:func:`~bdcodec.metrics.periodic_structure_tiles`, 8-px phases); a decode smoother
+    than its target costs nothing."""
+    return F.relu(periodic_structure_tiles(x0) - periodic_structure_tiles(x.to(x0.dtype))).mean()
 
 
 def main(argv=None):
@@ -296,7 +277,8 @@ def main(argv=None):
                     help="diffusion stage: drop a random 0..N-1 rows and columns before LPIPS, so the decoder's "
                          "pixel phases never line up with AlexNet's stride-4/8/16 sampling grid (1: off)")
     ap.add_argument("--lattice-weight", type=float, default=0.0,
-                    help="diffusion stage: weight of the periodic structure (8 px, per 64-px tile) of x0 beyond the target's")
+                    help="diffusion stage: weight of the periodic structure (8 px, per 64-px tile) of x0 beyond "
+                         "the target's")
     ap.add_argument("--gan-weight", type=float, default=0.0,
                     help="stage diffusion: weight of a hinge adversarial term from a conditional PatchGAN (0: none)")
     ap.add_argument("--t-min", type=float, default=0.0,
@@ -525,11 +507,10 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
                 if lpips_fn is not None:  # at a random offset: see --lpips-shift
                     dy, dx = (rng.randrange(args.lpips_shift) for _ in range(2)) if args.lpips_shift > 1 else (0, 0)
                     loss = loss + args.lpips_weight * lpips_fn(x0_01[..., dy:, dx:].float(), x[..., dy:, dx:])
+                stats = {"l1": l1, "psnr": F.mse_loss(x0_01.detach().float().clamp(0, 1), x)}
                 if args.lattice_weight > 0:
                     lat = lattice_loss(x0_01.float(), x)
                     loss = loss + args.lattice_weight * lat
-                stats = {"l1": l1, "psnr": F.mse_loss(x0_01.detach().float().clamp(0, 1), x)}
-                if args.lattice_weight > 0:
                     stats["lattice"] = lat.detach()
                 if disc is not None:
                     disc.requires_grad_(False)
