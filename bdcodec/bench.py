@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -234,7 +235,10 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
             notes.append("perception section without LPIPS: no diversity, and no LPIPS columns")
         summary["perception"] = run_perception(codec, refs, metrics, out_dir, patch_fid=patch_fid, bar=bar,
                                                **(perception_options or {}))
+    _write_csv(rows, out_dir / "results.csv")  # the measurements so far, before the long speed runs
     if speed and codec is not None:
+        print(f"speed: whole-process runs on {images[0].name} and on it tiled to 3000x2000, and -j 1 / -j 2 "
+              "batches; several minutes on a small CPU (--no-speed skips them)", file=sys.stderr, flush=True)
         summary["elic"] = _elic_speed(codec, refs[images[0].name])
         baselines = [n for n in SPEED_BASELINES if n in codecs and not _baseline_available(n)]
         pb = bar(2 * (3 + len(baselines)) + 2 * (1 + len(baselines)), "speed")  # 2 sizes, then -j 1 and -j 2

@@ -39,6 +39,16 @@ def _stderr_is_tty() -> bool:
     return sys.stderr.isatty()
 
 
+class _Number(click.FloatRange):
+    """click's FloatRange without NaN, which passes its bounds (every comparison with it is false)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if value != value:
+            self.fail(f"{value} is not a number", param, ctx)
+        return value
+
+
 class _Terminal:
     """Messages and progress bars on stderr; bars only on a terminal and never with --quiet."""
 
@@ -223,6 +233,8 @@ def _run(ui: _Terminal, jobs, force: bool, steps, weights, device, threads, verb
 
     def on_sigint(signum, frame):
         nonlocal interrupted
+        if interrupted:  # a second one (Ctrl-C pressed twice, or `timeout` signalling the process, then its
+            return  # group) must not cut short the clean-up that the first one started
         interrupted = True
         raise KeyboardInterrupt
 
@@ -300,7 +312,7 @@ def _run(ui: _Terminal, jobs, force: bool, steps, weights, device, threads, verb
         ui.fail(str(exc))
         sys.exit(1)
     finally:
-        if previous is not None:
+        if previous is not None and not interrupted:  # else on_sigint stays, so more SIGINTs leave the exit alone
             signal.signal(signal.SIGINT, previous)
     if failed:
         if len(jobs) > 1:
@@ -573,10 +585,10 @@ def main():
 
 @main.command(epilog=_OUTPUT_RULE)
 @click.argument("paths", nargs=-1, required=True)
-@click.option("-q", "--quality", type=click.FloatRange(0, 100), default=75.0, show_default=True,
+@click.option("-q", "--quality", type=_Number(0, 100), default=75.0, show_default=True,
               help="Quality 0..100 (half steps); higher is more bits (on photos, perceptual tuning: "
                    "0 ~ 0.17 bpp, 50 ~ 0.32 bpp, 75 ~ 0.9 bpp, 100 ~ 3 bpp).")
-@click.option("--target-bpp", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--target-bpp", type=_Number(min=0, min_open=True), default=None,
               help="Search the highest quality whose file stays within this many bits per pixel "
                    "(instead of -q); if even quality 0 is larger, writes that file with a warning.")
 @click.option("--tune", type=click.Choice(["perceptual", "fidelity"]), default="perceptual", show_default=True,
@@ -591,7 +603,7 @@ def main():
               help="Region of interest: a grayscale image of the input's size, white = important. Its squared "
                    "error counts --roi-weight times more, so it gets more of the bits (effort at least "
                    f"{ROI_MIN_EFFORT}).")
-@click.option("--roi-weight", type=click.FloatRange(1, 1000), default=DEFAULT_ROI_WEIGHT, show_default=True,
+@click.option("--roi-weight", type=_Number(1, 1000), default=DEFAULT_ROI_WEIGHT, show_default=True,
               help="How much more the squared error inside the --roi mask counts.")
 @common
 def encode(paths, quality, target_bpp, tune, effort, roi_path, roi_weight, weights, device, threads, max_pixels,
@@ -652,7 +664,7 @@ def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, e
               help="perceptual: the diffusion decoder; fidelity: fast, PSNR-oriented.  "
                    "Default: the mode stored in the file (perceptual, unless it was encoded with --tune fidelity).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Diffusion steps (default: the file's, 1 in files of this version, 8 in earlier ones).")
-@click.option("--temperature", type=click.FloatRange(0, 2), default=0.5, show_default=True,
+@click.option("--temperature", type=_Number(0, 2), default=0.5, show_default=True,
               help="Noise scale of the diffusion sampler (0: none).  With the shipped weights (decoder design 1) "
                    "it, --seed and --steps barely change the image; see the README.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed (default from the file).")
