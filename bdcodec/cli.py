@@ -615,8 +615,15 @@ def encode(paths, quality, target_bpp, tune, effort, roi_path, roi_weight, weigh
     jobs = _jobs(paths, output_dir, ".bdc")
     if roi_path is None and ctx.get_parameter_source("roi_weight") != click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--roi-weight needs --roi")
-    if roi_path is not None and not os.path.isfile(roi_path):
-        raise click.UsageError(f"--roi: no such file: {roi_path}")
+    if roi_path is not None:  # one mask for every file: a bad one is a usage error, as a missing one
+        if not os.path.isfile(roi_path):
+            raise click.UsageError(f"--roi: no such file: {roi_path}")
+        from .imageio import probe_image
+
+        try:
+            probe_image(roi_path, f"--roi mask {roi_path}", oriented=True)
+        except BdcError as exc:
+            raise click.UsageError(str(exc)) from None
     steps = (_encode_steps, dict(quality=quality, target_bpp=target_bpp, tune=tune, max_pixels=max_pixels,
                                  force=force, effort=effort, roi_path=roi_path, roi_weight=roi_weight))
     _run(_Terminal(quiet), jobs, force, steps, weights, device, threads, verbose, workers)

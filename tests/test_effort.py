@@ -153,7 +153,10 @@ def test_cli_refuses_bad_effort_and_roi_before_any_model_work(run, no_model, tmp
     assert res.exit_code == 1
     _one_error_line(res)
     assert "--roi mask is 10x10, the image 32x24" in res.stderr
-    for args in (("--effort", 10), ("--roi-weight", 4), ("--roi", tmp_path / "none.png")):
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    for args in (("--effort", 10), ("--roi-weight", 4), ("--roi", tmp_path / "none.png"), ("--roi", text)):
         res = run("encode", png, tmp_path / "a.bdc", *args)
         assert res.exit_code == 2, args
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "wrong.png"]
+    assert "cannot read image" in res.stderr  # the one mask is checked once, as a usage error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "text.png", "wrong.png"]
