@@ -235,7 +235,7 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
             notes.append("perception section without LPIPS: no diversity, and no LPIPS columns")
         summary["perception"] = run_perception(codec, refs, metrics, out_dir, patch_fid=patch_fid, bar=bar,
                                                **(perception_options or {}))
-    _write_csv(rows, out_dir / "results.csv")  # the measurements so far, before the long speed runs
+    _write_csv(rows, out_dir / "results.csv")  # before the long speed runs, which add no rows
     if speed and codec is not None:
         print(f"speed: whole-process runs on {images[0].name} and on it tiled to 3000x2000, and -j 1 / -j 2 "
               "batches; several minutes on a small CPU (--no-speed skips them)", file=sys.stderr, flush=True)
@@ -245,7 +245,6 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
         summary["cli_speed"] = cli_speed(images, weights, device, baselines, tick=pb.update if pb else None)
         if pb:
             pb.close()
-    _write_csv(rows, out_dir / "results.csv")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot(curves, out_dir)
     print(_report(summary))

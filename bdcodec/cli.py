@@ -615,32 +615,33 @@ def encode(paths, quality, target_bpp, tune, effort, roi_path, roi_weight, weigh
     jobs = _jobs(paths, output_dir, ".bdc")
     if roi_path is None and ctx.get_parameter_source("roi_weight") != click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--roi-weight needs --roi")
+    roi_size = None
     if roi_path is not None:  # one mask for every file: a bad one is a usage error, as a missing one
         if not os.path.isfile(roi_path):
             raise click.UsageError(f"--roi: no such file: {roi_path}")
         from .imageio import probe_image
 
         try:
-            probe_image(roi_path, f"--roi mask {roi_path}", oriented=True)
+            roi_size = probe_image(roi_path, f"--roi mask {roi_path}", oriented=True)
         except BdcError as exc:
             raise click.UsageError(str(exc)) from None
     steps = (_encode_steps, dict(quality=quality, target_bpp=target_bpp, tune=tune, max_pixels=max_pixels,
-                                 force=force, effort=effort, roi_path=roi_path, roi_weight=roi_weight))
+                                 force=force, effort=effort, roi_path=roi_path, roi_weight=roi_weight,
+                                 roi_size=roi_size))
     _run(_Terminal(quiet), jobs, force, steps, weights, device, threads, verbose, workers)
 
 
 def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, effort=DEFAULT_EFFORT,
-                  roi_path=None, roi_weight=DEFAULT_ROI_WEIGHT):
-    """``(check, verify, work)`` of ``encode`` for :func:`_run` (built again in each worker process)."""
+                  roi_path=None, roi_weight=DEFAULT_ROI_WEIGHT, roi_size=None):
+    """``(check, verify, work)`` of ``encode`` for :func:`_run` (built again in each worker process);
+    ``roi_size`` is the --roi mask's (width, height), read once for the batch."""
     from .imageio import probe_image, read_image, read_mask
 
     def check(src, dst):
         data = _source(src)
         size = probe_image(src if data is None else data, _name(src), max_pixels, oriented=roi_path is not None)
-        if roi_path is not None:
-            mask = probe_image(roi_path, f"{_name(src)}: --roi mask {roi_path}", oriented=True)
-            if mask != size:
-                raise BdcError(f"{_name(src)}: --roi mask is {mask[0]}x{mask[1]}, the image {size[0]}x{size[1]}")
+        if roi_size is not None and roi_size != size:
+            raise BdcError(f"{_name(src)}: --roi mask is {roi_size[0]}x{roi_size[1]}, the image {size[0]}x{size[1]}")
         return data
 
     def work(codec, src, dst, data, bar):
