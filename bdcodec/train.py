@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .diffusion import BlurSchedule
+from .effort import native_bf16
 from .model import BDCodecModel, ModelConfig
 from .metrics import find_lpips_weights, lpips_model, lpips_shifted, periodic_structure_tiles, psnr_tensor
 from .weights import DECODER_PARTS, lineage, load_model, save_model
@@ -198,10 +199,7 @@ def load_val(folder, limit: int) -> list[torch.Tensor]:
 def _use_bf16(choice: str, device: torch.device) -> bool:
     if choice != "auto":
         return choice == "on"
-    if device.type == "cuda":
-        return True
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # absent in some torch builds
-    return device.type == "cpu" and probe is not None and bool(probe())
+    return device.type == "cuda" or native_bf16(device.type)
 
 
 def rd_terms(model: BDCodecModel, x: torch.Tensor, level: float, out: dict | None = None):
