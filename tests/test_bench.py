@@ -22,6 +22,18 @@ def test_bd_rate_known_cases():
     assert np.isnan(bd_rate(rate, q, rate, q + 100))  # no overlap
 
 
+def test_a_bench_written_to_a_log_reports_progress(capsys, monkeypatch):
+    """Without a terminal there is no bar: a line at most once a minute and one at the end."""
+    from bdcodec import bench
+
+    clock = iter([0.0, 10.0, 70.0, 75.0, 80.0])
+    monkeypatch.setattr(bench.time, "monotonic", lambda: next(clock))
+    bar = bench._LogBar(4, "bdcodec")
+    for _ in range(4):
+        bar.update()
+    assert capsys.readouterr().err.splitlines() == ["bench: bdcodec 2/4 (70 s)", "bench: bdcodec 4/4 (80 s)"]
+
+
 def test_curves_average_per_setting():
     rows = [{"codec": "c", "setting": 1, "bpp": 0.2, "psnr": 30.0},
             {"codec": "c", "setting": 1, "bpp": 0.4, "psnr": 32.0},
