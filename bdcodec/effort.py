@@ -62,8 +62,9 @@ def native_bf16(device_type: str) -> bool:
 
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # absent in some torch builds
-    return device_type == "cpu" and probe is not None and bool(probe())
+    # oneDNN's own probe also says yes on AVX-512 CPUs without bf16 instructions, where it emulates them
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return device_type == "cpu" and any(probe is not None and bool(probe()) for probe in probes)
 
 
 def _bits(residual, sigma):
