@@ -1,4 +1,5 @@
 import dataclasses
+import io
 import os
 import subprocess
 import sys
@@ -174,6 +175,7 @@ def test_stdin_stdout_and_help_without_torch(small_png, tmp_path):
     dec = subprocess.run([sys.executable, "-m", "bdcodec", "decode", "-", "-", "--mode", "fidelity"],
                          input=enc.stdout, capture_output=True, env=env, timeout=300)
     assert dec.returncode == 0 and dec.stdout[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(io.BytesIO(dec.stdout)).size == Image.open(small_png).size  # all of it, before the quick exit
     bad = subprocess.run([sys.executable, "-m", "bdcodec", "decode", "-", str(tmp_path / "x.png")],
                          input=b"garbage", capture_output=True, env=env, timeout=300)
     assert bad.returncode == 1 and bad.stderr.decode().startswith("bdcodec: error:")
@@ -182,6 +184,34 @@ def test_stdin_stdout_and_help_without_torch(small_png, tmp_path):
              "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
              "assert 'torch' not in sys.modules and 'compressai' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60).returncode == 0
+
+
+def test_the_script_leaves_without_the_interpreter_clean_up_after_encode_and_decode_only(small_png, tmp_path,
+                                                                                       monkeypatch):
+    import torch  # noqa: F401 (the quick exit is taken once torch is loaded)
+
+    from bdcodec import cli
+
+    class Quick(Exception):
+        pass
+
+    def quick_exit(code):
+        raise Quick(code)
+
+    monkeypatch.setattr(cli, "_QUICK_EXIT", set())
+    monkeypatch.setattr(cli.os, "_exit", quick_exit)
+    bdc = tmp_path / "a.bdc"
+    for argv, code in ((["encode", str(small_png), str(bdc), "-q", "0"], 0), (["encode", str(small_png), str(bdc)], 1)):
+        monkeypatch.setattr(sys, "argv", ["bdcodec", *argv])
+        with pytest.raises(Quick) as left:
+            cli.run()
+        assert left.value.args == (code,)  # 1: the output exists, with one error line
+    assert bdc.read_bytes()[:3] == b"BDC"
+    monkeypatch.setattr(cli, "_QUICK_EXIT", set())
+    monkeypatch.setattr(sys, "argv", ["bdcodec", "info", str(bdc)])
+    with pytest.raises(SystemExit) as left:
+        cli.run()
+    assert left.value.code == 0
 
 
 def test_encode_and_decode_do_not_import_compressai(small_png, tmp_path):
