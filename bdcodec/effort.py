@@ -19,8 +19,8 @@ about the decoder changes.  Normalised gradient descent with a cosine step-size 
 (see LEARNING_RATE); the steps run
 on every thread the codec has (they only choose the latent, they do not have to be
 reproducible on another machine), with a fixed noise seed, and g_s runs under bf16
-autocast where the device multiplies bf16 natively (``native_bf16``): about 1.7x
-faster a step on such a CPU, for the same gain.  The rate terms stay in fp32.
+autocast where the device multiplies bf16 natively (``native_bf16``): g_s about 2x and
+the fit about 1.5x faster on such a CPU, for the same gain.  The rate terms stay in fp32.
 """
 
 from __future__ import annotations
