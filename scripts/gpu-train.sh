@@ -7,8 +7,10 @@
 # RD_SHARE (default 0.6) is the share of the training time given to the R-D stage, DIFFUSION_LR (default
 # 1e-4) the diffusion stage's learning rate.  STAGE=diffusion gives the whole window to the diffusion
 # decoder (the R-D parts stay those of the weights); DECODER=2 starts a fresh decoder of design 2 when
-# the weights carry another; INIT=FILE starts from FILE instead of the shipped weights; GAN_WEIGHT, T_MIN and
-# LATTICE_WEIGHT pass --gan-weight, --t-min and --lattice-weight to the diffusion stage.
+# the weights carry another; INIT=FILE starts from FILE instead of the shipped weights; GAN_WEIGHT, T_MIN,
+# LATTICE_WEIGHT and LPIPS_WEIGHT pass --gan-weight, --t-min, --lattice-weight and --lpips-weight to the
+# diffusion stage.  VARIANTS="A:ARGS;B:ARGS" trains several runs at once on the one GPU, each with its own
+# extra arguments, into OUTDIR/bdcodec-gpu-A.safetensors and so on.
 #
 # Run from the repository root on a CUDA machine with python3, torch, numpy, pillow, click and
 # safetensors.  What it does not have comes along in ignored folders, prepared on a machine with pip:
@@ -38,9 +40,11 @@ python3 -c "import torch, numpy, PIL, compressai, constriction; from PIL import 
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'numpy', numpy.__version__,
       'pillow', PIL.__version__, 'avif', features.check('avif'), 'compressai', compressai.__version__)" || exit 1
 
-echo "== CUDA tests"
+echo "== CUDA tests (beside training; their report follows it)"
+tests_log=/tmp/bdcodec-cuda-tests.txt
 BDCODEC_CUDA_REPORT="$out/cuda-report.json" timeout 170 python3 -m pytest -q -p no:cacheprovider -rA \
-    tests/test_cuda.py 2>&1 | tail -40
+    tests/test_cuda.py > "$tests_log" 2>&1 &
+tests_pid=$!
 
 echo "== training"
 run=/tmp/bdcodec-run
@@ -49,31 +53,53 @@ minutes=$(python3 -c "print(f'{($(left) - 75) / 60:.2f}')")
 echo "training budget: $minutes minutes"
 stage=${STAGE:-both}
 if [ "$stage" = diffusion ]; then
-    stage_args=(--stage diffusion --run-dir "$run/diffusion" --lr "${DIFFUSION_LR:-1e-4}")
+    stage_args=(--stage diffusion --lr "${DIFFUSION_LR:-1e-4}")
 else
-    stage_args=(--stage both --run-dir "$run" --rd-share "${RD_SHARE:-0.6}" --lr 1e-4 --diffusion-lr "${DIFFUSION_LR:-1e-4}")
+    stage_args=(--stage both --rd-share "${RD_SHARE:-0.6}" --lr 1e-4 --diffusion-lr "${DIFFUSION_LR:-1e-4}")
 fi
-timeout --signal=INT --kill-after=15 "$(python3 -c "print(int($minutes * 60 + 40))")" \
-    python3 -m bdcodec.train "${stage_args[@]}" ${DECODER:+--decoder "$DECODER"} ${INIT:+--init "$INIT"} \
-    ${GAN_WEIGHT:+--gan-weight "$GAN_WEIGHT"} ${T_MIN:+--t-min "$T_MIN"} \
-    ${LATTICE_WEIGHT:+--lattice-weight "$LATTICE_WEIGHT"} --data .gpu/train.tar \
-    --val examples --val-limit 3 --minutes "$minutes" --crop 256 --batch 32 --lr-final 1e-5 \
-    --ckpt-minutes 1 --val-every 200 --out "$out/bdcodec-gpu.safetensors" --shard-mb 16 \
-    --lpips-weights .gpu/alexnet-features-fp16.pth
-status=$?
-echo "training exited with $status"
-if ! compgen -G "$out/bdcodec-gpu*.safetensors" > /dev/null; then
+# train NAME [ARGS...]: one run into $run/NAME (or $run when NAME is empty) and OUTDIR/bdcodec-gpu[-NAME].safetensors
+train() {
+    local name=$1 dir=$run${1:+/$1} file=$out/bdcodec-gpu${1:+-$1}.safetensors
+    shift
+    local args=("${stage_args[@]}")
+    if [ "$stage" = diffusion ]; then args+=(--run-dir "$dir/diffusion"); else args+=(--run-dir "$dir"); fi
+    timeout --signal=INT --kill-after=15 "$(python3 -c "print(int($minutes * 60 + 40))")" \
+        python3 -m bdcodec.train "${args[@]}" ${DECODER:+--decoder "$DECODER"} ${INIT:+--init "$INIT"} \
+        ${GAN_WEIGHT:+--gan-weight "$GAN_WEIGHT"} ${T_MIN:+--t-min "$T_MIN"} \
+        ${LATTICE_WEIGHT:+--lattice-weight "$LATTICE_WEIGHT"} ${LPIPS_WEIGHT:+--lpips-weight "$LPIPS_WEIGHT"} \
+        --data .gpu/train.tar --val examples --val-limit 3 --minutes "$minutes" --crop 256 --batch 32 \
+        --lr-final 1e-5 --ckpt-minutes 1 --val-every 200 --out "$file" --shard-mb 16 \
+        --lpips-weights .gpu/alexnet-features-fp16.pth "$@" 2>&1 | sed -u "s/^/${name:+[$name] }/"
+    echo "training${name:+ $name} exited with ${PIPESTATUS[0]}"
+    compgen -G "${file%.safetensors}*.safetensors" > /dev/null && return
     # cut short: export the best checkpoint there is (the diffusion stage's holds the new rd weights too)
-    if [ "$stage" = diffusion ] && [ -f "$run/diffusion/best.pt" ]; then
-        python3 -m bdcodec.train --stage diffusion --run-dir "$run/diffusion" --export "$out/bdcodec-gpu.safetensors" --shard-mb 16
-    elif [ -f "$run/diffusion/best.pt" ]; then
-        python3 -m bdcodec.train --stage both --run-dir "$run" --export "$out/bdcodec-gpu.safetensors" --shard-mb 16
-    elif [ -f "$run/rd/best.pt" ]; then
-        python3 -m bdcodec.train --stage rd --run-dir "$run/rd" --export "$out/bdcodec-gpu.safetensors" --shard-mb 16
+    if [ -f "$dir/diffusion/best.pt" ]; then
+        python3 -m bdcodec.train --stage "$stage" --run-dir "$dir${stage_sub}" --export "$file" --shard-mb 16
+    elif [ -f "$dir/rd/best.pt" ]; then
+        python3 -m bdcodec.train --stage rd --run-dir "$dir/rd" --export "$file" --shard-mb 16
     fi
+}
+stage_sub=; [ "$stage" = diffusion ] && stage_sub=/diffusion
+if [ -n "${VARIANTS:-}" ]; then
+    # several runs share the GPU at once, each with its own extra arguments: "NAME:ARGS;NAME:ARGS"
+    IFS=';' read -ra variants <<< "$VARIANTS"
+    pids=()
+    for v in "${variants[@]}"; do
+        read -ra extra <<< "${v#*:}"
+        train "${v%%:*}" "${extra[@]}" &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+else
+    train ""
 fi
-for stage in rd diffusion; do
-    [ -f "$run/$stage/curves.png" ] && cp "$run/$stage/curves.png" "$out/curves-$stage.png"
-done
+wait "$tests_pid"
+echo "== CUDA tests"
+tail -40 "$tests_log"
+if [ -z "${VARIANTS:-}" ]; then
+    for s in rd diffusion; do
+        [ -f "$run/$s/curves.png" ] && cp "$run/$s/curves.png" "$out/curves-$s.png"
+    done
+fi
 ls -la "$out"
 echo "== done in $(python3 -c "import time; print(f'{time.time() - $start:.0f}')") s"
