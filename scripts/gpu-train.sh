@@ -10,7 +10,7 @@
 # the weights carry another; INIT=FILE starts from FILE instead of the shipped weights; GAN_WEIGHT, T_MIN,
 # LATTICE_WEIGHT and LPIPS_WEIGHT pass --gan-weight, --t-min, --lattice-weight and --lpips-weight to the
 # diffusion stage.  VARIANTS="A:ARGS;B:ARGS" trains several runs at once on the one GPU, each with its own
-# extra arguments, into OUTDIR/bdcodec-gpu-A.safetensors and so on.
+# extra arguments (which may name their own --stage and --lr), into OUTDIR/bdcodec-gpu-A.safetensors and so on.
 #
 # Run from the repository root on a CUDA machine with python3, torch, numpy, pillow, click and
 # safetensors.  What it does not have comes along in ignored folders, prepared on a machine with pip:
@@ -57,15 +57,17 @@ if [ "$stage" = diffusion ]; then
 else
     stage_args=(--stage both --rd-share "${RD_SHARE:-0.6}" --lr 1e-4 --diffusion-lr "${DIFFUSION_LR:-1e-4}")
 fi
-# train NAME [ARGS...]: one run into $run/NAME (or $run when NAME is empty) and OUTDIR/bdcodec-gpu[-NAME].safetensors
+# train NAME [ARGS...]: one run into $run/NAME (or $run when NAME is empty) and OUTDIR/bdcodec-gpu[-NAME].safetensors;
+# ARGS come last, so a --stage or --lr among them wins over the script's
 train() {
-    local name=$1 dir=$run${1:+/$1} file=$out/bdcodec-gpu${1:+-$1}.safetensors
+    local name=$1 dir=$run${1:+/$1} file=$out/bdcodec-gpu${1:+-$1}.safetensors own=$stage a prev=
     shift
-    local args=("${stage_args[@]}")
-    if [ "$stage" = diffusion ]; then args+=(--run-dir "$dir/diffusion"); else args+=(--run-dir "$dir"); fi
+    for a in "$@"; do [ "$prev" = --stage ] && own=$a; prev=$a; done
+    local run_dir=$dir
+    [ "$own" = both ] || run_dir=$dir/$own
     timeout --signal=INT --kill-after=15 "$(python3 -c "print(int($minutes * 60 + 40))")" \
-        python3 -m bdcodec.train "${args[@]}" ${DECODER:+--decoder "$DECODER"} ${INIT:+--init "$INIT"} \
-        ${GAN_WEIGHT:+--gan-weight "$GAN_WEIGHT"} ${T_MIN:+--t-min "$T_MIN"} \
+        python3 -m bdcodec.train "${stage_args[@]}" --run-dir "$run_dir" ${DECODER:+--decoder "$DECODER"} \
+        ${INIT:+--init "$INIT"} ${GAN_WEIGHT:+--gan-weight "$GAN_WEIGHT"} ${T_MIN:+--t-min "$T_MIN"} \
         ${LATTICE_WEIGHT:+--lattice-weight "$LATTICE_WEIGHT"} ${LPIPS_WEIGHT:+--lpips-weight "$LPIPS_WEIGHT"} \
         --data .gpu/train.tar --val examples --val-limit 3 --minutes "$minutes" --crop 256 --batch 32 \
         --lr-final 1e-5 --ckpt-minutes 1 --val-every 200 --out "$file" --shard-mb 16 \
@@ -73,13 +75,14 @@ train() {
     echo "training${name:+ $name} exited with ${PIPESTATUS[0]}"
     compgen -G "${file%.safetensors}*.safetensors" > /dev/null && return
     # cut short: export the best checkpoint there is (the diffusion stage's holds the new rd weights too)
-    if [ -f "$dir/diffusion/best.pt" ]; then
-        python3 -m bdcodec.train --stage "$stage" --run-dir "$dir${stage_sub}" --export "$file" --shard-mb 16
+    if [ "$own" != both ] && [ -f "$run_dir/best.pt" ]; then
+        python3 -m bdcodec.train --stage "$own" --run-dir "$run_dir" --export "$file" --shard-mb 16
+    elif [ -f "$dir/diffusion/best.pt" ]; then
+        python3 -m bdcodec.train --stage both --run-dir "$dir" --export "$file" --shard-mb 16
     elif [ -f "$dir/rd/best.pt" ]; then
         python3 -m bdcodec.train --stage rd --run-dir "$dir/rd" --export "$file" --shard-mb 16
     fi
 }
-stage_sub=; [ "$stage" = diffusion ] && stage_sub=/diffusion
 if [ -n "${VARIANTS:-}" ]; then
     # several runs share the GPU at once, each with its own extra arguments: "NAME:ARGS;NAME:ARGS"
     IFS=';' read -ra variants <<< "$VARIANTS"
