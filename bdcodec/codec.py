@@ -37,7 +37,7 @@ from .container import Header, Streams
 from .diffusion import BlurSchedule
 from .entropy import anchor_mask, scale_indexes
 from .effort import (DEFAULT_EFFORT, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, EFFORT_STEPS, MAX_EFFORT, ROI_MIN_EFFORT,
-                     refine_latent)
+                     SGA_FROM, refine_latent)
 from .errors import BdcError
 from .model import pad_to
 from .rans import HyperCoder, PassDecoder, PassEncoder, decode_z_compressai
@@ -445,7 +445,8 @@ class Codec:
                     with _threads(self.threads):
                         y = refine_latent(self.model, x.to(self.device, memory_format=self._layout), y, hyper[1],
                                           level, EFFORT_STEPS[effort], hgt, wid, weight=weight,
-                                          dct_step=step if q > REFINE_FROM else None)
+                                          dct_step=step if q > REFINE_FROM else None,
+                                          relax="sga" if effort >= SGA_FROM else "ste")
                     self.timings["effort"] = self.timings.get("effort", 0.0) + time.perf_counter() - t1
                 latents[key] = self._encode_latent(y, hyper)
             streams, y_hat_g, activity = latents[key]

@@ -244,13 +244,16 @@ class LaplacianEntropyModel(nn.Module):
         mu, sigma = self.g_ep[j](torch.cat(parts, 1)).chunk(2, 1)
         return mu, sigma
 
-    def forward(self, y: torch.Tensor, psi: torch.Tensor):
+    def forward(self, y: torch.Tensor, psi: torch.Tensor, rounding=None):
         """Training / estimation pass.
 
         Returns ``(y_hat, mu, sigma)`` for the whole latent, where y_hat uses
         straight-through rounding around mu (what the decoder will see).  The
         caller evaluates the rate on ``y`` (+ uniform noise when training).
+        ``rounding`` replaces the straight-through rounding of ``y - mu`` (the
+        encoder's latent fit passes a relaxed one).
         """
+        rnd = rounding or _ste_round
         _, _, h, w = y.shape
         anchors = anchor_mask(h, w, y.device).view(1, 1, h, w)
         y_hats, mus, sigmas = [], [], []
@@ -258,12 +261,11 @@ class LaplacianEntropyModel(nn.Module):
             prev = torch.cat(y_hats, 1) if j else None
             channel = self.channel_context(j, prev)
             mu_a, s_a = self.chunk_params(j, psi, channel, None)
-            ya_hat = _ste_round(y_j - mu_a) + mu_a
-            ya_hat = ya_hat * anchors
-            mu_n, s_n = self.chunk_params(j, psi, channel, ya_hat)
+            ya = rnd(y_j - mu_a) + mu_a
+            mu_n, s_n = self.chunk_params(j, psi, channel, ya * anchors)
             mu = torch.where(anchors, mu_a, mu_n)
             sigma = torch.where(anchors, s_a, s_n)
-            y_hats.append(_ste_round(y_j - mu) + mu)
+            y_hats.append(torch.where(anchors, ya, rnd(y_j - mu_n) + mu_n))  # anchors as their context saw them
             mus.append(mu)
             sigmas.append(sigma)
         return torch.cat(y_hats, 1), torch.cat(mus, 1), torch.cat(sigmas, 1)

@@ -53,6 +53,38 @@ def test_the_fit_gains_in_fp32_and_in_bf16(codec, crop, bf16, monkeypatch):
     assert _cost(codec, crop, fitted, level) < _cost(codec, crop, plain, level)
 
 
+def test_annealed_rounding_hardens_and_passes_gradients():
+    import torch
+
+    from bdcodec.effort import _sga_rounding
+
+    r = (torch.rand(4000, generator=torch.Generator().manual_seed(0)) * 6 - 3).requires_grad_(True)
+    gen = torch.Generator().manual_seed(1)
+    soft, hard = _sga_rounding(0.5, gen)(r), _sga_rounding(0.01, gen)(r)
+    floor = torch.floor(r.detach())
+    assert bool(((soft >= floor) & (soft <= floor + 1)).all())
+    clear = ((r.detach() - floor) - 0.5).abs() > 0.1
+    assert (hard.detach() - torch.round(r.detach()))[clear].abs().max() < 1e-3  # cold: the nearer whole number
+    assert 0.05 < (soft - torch.round(soft)).abs().mean() < 0.45  # warm: in between
+    soft.sum().backward()
+    assert r.grad.abs().sum() > 0
+
+
+def test_annealed_fit_lowers_the_cost_and_is_deterministic(codec, crop, monkeypatch):
+    """The top efforts fit under stochastic Gumbel annealing (here with few steps, to stay fast)."""
+    import bdcodec.codec as cc
+    from bdcodec import effort
+
+    monkeypatch.setattr(cc, "EFFORT_STEPS", (0, 2, 4, 6, 8, 12, 16, 24, 32, 24))
+    assert effort.SGA_FROM <= effort.MAX_EFFORT
+    monkeypatch.setattr(cc, "SGA_FROM", 9)
+    level, _ = codec.plan(0.0, "fidelity")
+    plain = codec.encode(crop, quality=0.0, mode="fidelity")
+    fitted = codec.encode(crop, quality=0.0, mode="fidelity", effort=9)
+    assert codec.encode(crop, quality=0.0, mode="fidelity", effort=9) == fitted
+    assert _cost(codec, crop, fitted, level) < 0.97 * _cost(codec, crop, plain, level)
+
+
 def _layer_cost(codec, pixels, data, step):
     """Squared error + lambda x bits at the refinement layer's exchange rate (what the plan is chosen by)."""
     from bdcodec import refine
