@@ -129,8 +129,16 @@ def refine_latent(model, x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, le
     gen = torch.Generator().manual_seed(seed)
     psi = psi.detach()
     var = y.detach().clone().requires_grad_(True)
+    layout, g_in = x_layout(x), inv_gain.cpu()
+
+    def distortion(y_hat):
+        """The distortion term of what the decoder makes of the (rounded or relaxed) latent."""
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            x_bar = model.g_s((y_hat * g_in).to(device, memory_format=layout)).float()
+        return lam * ((x_bar - x).square() * weight).mean() if dct is None else dct(x_bar) / pixels
+
     if relax == "sga":
-        return _fit_sga(model, x, y, var, psi, inv_gain, lam, pixels, weight, dct, steps, gen, bf16)
+        return _fit_sga(model, y, var, psi, pixels, distortion, steps, gen)
     opt = torch.optim.SGD([var], lr=lr)
     best, best_loss = y, math.inf
     with torch.enable_grad():
@@ -138,19 +146,12 @@ def refine_latent(model, x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, le
             y_hat, mu, sigma = model.entropy(var, psi)
             noise = torch.rand(var.shape, generator=gen) - 0.5
             rate = _bits(var + noise - mu, sigma) / pixels
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                x_bar = model.g_s((y_hat * inv_gain.cpu()).to(device, memory_format=x_layout(x)))
-            x_bar = x_bar.float()
-            if dct is None:
-                mse = ((x_bar - x).square() * weight).mean()
-                distortion = lam * mse
-            else:
-                distortion = dct(x_bar) / pixels
-            loss = rate + distortion
+            shown = distortion(y_hat)
+            loss = rate + shown
             # the step whose rounded latent scores best is kept (the loss uses the rounded
             # latent for distortion; its rate term is a noisy estimate of the coded rate)
             with torch.no_grad():
-                exact = _bits(y_hat - mu, sigma) / pixels + distortion
+                exact = _bits(y_hat - mu, sigma) / pixels + shown
                 if exact.item() < best_loss:
                     best, best_loss = var.detach().clone(), exact.item()
             if i == steps:
@@ -183,21 +184,16 @@ def _sga_rounding(tau: float, gen):
     return rounding
 
 
-def _fit_sga(model, x, y, var, psi, inv_gain, lam, pixels, weight, dct, steps, gen, bf16):
+def _fit_sga(model, y, var, psi, pixels, distortion, steps, gen):
     """The fit under stochastic Gumbel annealing: rate and distortion both of the relaxed
     latent, whose rounding hardens as the temperature falls from SGA_TAU to SGA_TAU x
     exp(-SGA_DECAY); Adam at SGA_LR.  The rounded latent is scored every SGA_CHECK steps
     and at the end, and the best one (the analysis transform's own included) is kept."""
     import torch
 
-    device, layout, g_in = x.device, x_layout(x), inv_gain.cpu()
-
     def cost(rounding):
         y_hat, mu, sigma = model.entropy(var, psi, rounding)
-        rate = _bits(y_hat - mu, sigma) / pixels
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            x_bar = model.g_s((y_hat * g_in).to(device, memory_format=layout)).float()
-        return rate + (dct(x_bar) / pixels if dct is not None else lam * ((x_bar - x).square() * weight).mean())
+        return _bits(y_hat - mu, sigma) / pixels + distortion(y_hat)
 
     opt = torch.optim.Adam([var], lr=SGA_LR)
     best, best_loss = y, math.inf
