@@ -598,7 +598,40 @@ def run() -> None:
     os._exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Click's group, but a usage error is one line on stderr, as every other error here:
+    ``bdcodec encode: error: missing argument 'PATHS...' (see 'bdcodec encode --help')``,
+    exit status 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except getattr(click.exceptions, "NoArgsIsHelpError", ()) as exc:  # bare `bdcodec`: the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else None
+            if where is None or where == (prog_name or "bdcodec"):  # an option's own error names no command
+                words = sys.argv[1:] if args is None else list(args)
+                sub = next((w for w in words if w in self.commands), None)
+                where = " ".join(filter(None, (prog_name or "bdcodec", sub)))
+            msg = exc.format_message()
+            msg = msg[:-1] if msg.endswith(".") else msg
+            msg = msg[0].lower() + msg[1:] if msg[:2].istitle() else msg
+            click.echo(f"{where}: error: {msg} (see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bdcodec")
 def main():
     """bdcodec: a learned image codec with a Laplacian-guided entropy model and a

@@ -437,8 +437,7 @@ class Codec:
             # bytes (kodim23, effort 3), so there the fit uses the latent's own lambda.
             key = (level, effort, step if effort else None)
             if key not in latents:
-                gain, _ = self.model.gains(level)
-                y = y0 * gain
+                y = self.model.gained(y0, level)
                 hyper = self._hyper(y)
                 if effort:
                     t1 = time.perf_counter()
@@ -520,7 +519,7 @@ class Codec:
         """Bytes of the z, escape and y streams for a (1, 3, H, W) image in 0..1 at a rate level."""
         with torch.no_grad(), _threads(1):
             y = self._analyse(pad_to(x, PAD))
-            streams, _, _ = self._encode_latent(y * self.model.gains(level)[0])
+            streams, _, _ = self._encode_latent(self.model.gained(y, level))
         return len(streams.z) + len(streams.escapes) + len(streams.y)
 
     def _refine(self, pixels: np.ndarray, x_bar: np.ndarray, activity: np.ndarray, step: float,

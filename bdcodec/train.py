@@ -36,7 +36,7 @@ from .diffusion import BlurSchedule
 from .effort import native_bf16
 from .model import BDCodecModel, ModelConfig
 from .metrics import find_lpips_weights, lpips_model, lpips_shifted, periodic_structure_tiles, psnr_tensor
-from .weights import DECODER_PARTS, lineage, load_model, save_model
+from .weights import DECODER_PARTS, ENCODER_PARTS, lineage, load_model, save_model
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
@@ -243,7 +243,7 @@ def main(argv=None):
     if argv[:1] == ["pack"]:
         return pack_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m bdcodec.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=["rd", "diffusion", "both"], default="rd",
+    ap.add_argument("--stage", choices=["rd", "encoder", "diffusion", "both"], default="rd",
                     help="both: rd, then diffusion on its best latents, within one --minutes budget")
     ap.add_argument("--data", default="../shared/data/train", help="folder of images or a pack file")
     ap.add_argument("--val", default="../shared/data/kodak")
@@ -283,6 +283,8 @@ def main(argv=None):
                     help="stage diffusion: draw training times from [T_MIN, 1) (the sampler's first step is at t = 1)")
     ap.add_argument("--mse-weight", type=float, default=0.1,
                     help="decoder 2: weight of the preconditioned (EDM-normalised) squared error")
+    ap.add_argument("--enc-blocks", type=int, default=None,
+                    help="residual blocks on the gained latent after g_a (new ones start as the identity)")
     ap.add_argument("--decoder", type=int, choices=[1, 2], default=None,
                     help="stage diffusion: start a fresh diffusion decoder of this design on the init's codec")
     ap.add_argument("--export", default=None, help="write the best checkpoint to this safetensors file and exit")
@@ -370,6 +372,10 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
         record.setdefault("stages", [])
         record["parent"] = lineage(init)  # lets the export read the init's files if the codec stays
         cfg = model.cfg
+        if getattr(args, "enc_blocks", None) is not None and args.enc_blocks != cfg.enc_blocks:
+            model, cfg = _new_encoder_blocks(model, args.enc_blocks)
+            record["stages"].append({"stage": "encoder blocks", "enc_blocks": args.enc_blocks,
+                                     "note": "blocks on the gained latent; new ones start as the identity"})
         if getattr(args, "decoder", None) and args.decoder != cfg.decoder:
             model, cfg = _new_decoder(model, args.decoder)
             record["stages"].append({"stage": "new diffusion decoder", "decoder": args.decoder,
@@ -389,6 +395,11 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
     if stage == "rd":
         train_params = [p for n, p in model.named_parameters()
                         if not n.startswith(DECODER_PARTS) and not n.endswith("quantiles")]
+    elif stage == "encoder":  # the R-D loss through a frozen decoder: every file decodes as before
+        model.requires_grad_(False)
+        train_params = [p for n, p in model.named_parameters() if n.startswith(ENCODER_PARTS)]
+        for p in train_params:
+            p.requires_grad_(True)
     else:
         model.requires_grad_(False)
         model.texture.requires_grad_(True)
@@ -479,7 +490,7 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
         level = rng.uniform(0, cfg.levels - 1)
         lam = model.lmbda(level)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            if stage == "rd":
+            if stage in ("rd", "encoder"):
                 out, bpp, mse = rd_terms(model, x, level, ddp_model(x, level))
                 if ms_ssim is not None:
                     dist_term = 1 - ms_ssim(out["x_bar"].float().clamp(0, 1), x, data_range=1.0)
@@ -570,6 +581,16 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
     return images
 
 
+def _new_encoder_blocks(model: BDCodecModel, blocks: int) -> tuple[BDCodecModel, ModelConfig]:
+    """The same codec with ``blocks`` latent blocks after g_a: the existing ones kept, new ones the identity."""
+    cfg = ModelConfig.from_json(json.dumps({**json.loads(model.cfg.to_json()), "enc_blocks": blocks}))
+    new = BDCodecModel(cfg, trainable=True)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(f"g_a_post.{blocks}")}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    assert all(k.startswith("g_a_post.") for k in missing + unexpected), (missing, unexpected)
+    return new, cfg
+
+
 def _new_decoder(model: BDCodecModel, decoder: int) -> tuple[BDCodecModel, ModelConfig]:
     """The same codec with a freshly initialised diffusion decoder of design ``decoder``
     (its schedule fields take this version's defaults)."""
@@ -619,7 +640,7 @@ def validate(model: BDCodecModel, val: list[torch.Tensor], stage: str, schedule:
     for level in levels:
         bpps, psnrs, real, msssim, lps = [], [], [], [], []
         for x in val:
-            if codec is not None and stage == "rd":  # the latent's real size at this level, from the coder
+            if codec is not None and stage in ("rd", "encoder"):  # the latent's real size at this level, from the coder
                 real.append(8 * codec.latent_bytes(x, level) / (x.shape[2] * x.shape[3]))
             x = x.to(device)
             xp = pad_to(x, 64)

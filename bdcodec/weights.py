@@ -10,7 +10,9 @@ Metadata keys (all strings):
 - ``reads`` (optional): JSON list of the ids of earlier weights whose files these
   weights decode exactly as those did in fidelity mode: the same tensors but for the
   diffusion decoder (texture branch and denoiser), which only renders the perceptual
-  decode.  A retrained diffusion decoder so keeps every existing file readable.
+  decode, and the encoder's (g_a, its latent blocks, h_a and the gains), which no
+  decode runs.  A retrained diffusion decoder or encoder so keeps every existing file
+  readable.
 
 A model larger than a transfer limit can be written as shards
 ``NAME-00001-of-00002.safetensors`` ...: each holds some of the tensors and the
@@ -33,13 +35,15 @@ from pathlib import Path
 
 from .errors import BdcError
 
-__all__ = ["DEFAULT_NAME", "DECODER_PARTS", "FORMAT", "codec_id", "default_weights_path", "lineage", "read_metadata",
-           "reads", "save_model", "load_model", "tensors_id", "weight_files"]
+__all__ = ["DEFAULT_NAME", "DECODER_PARTS", "ENCODER_PARTS", "FORMAT", "codec_id", "default_weights_path", "lineage",
+           "read_metadata", "reads", "save_model", "load_model", "tensors_id", "weight_files"]
 
 DEFAULT_NAME = "bdcodec-base.safetensors"
 FORMAT = "1"
 # The tensors of the diffusion decoder: everything else decides what a file's bytes mean.
 DECODER_PARTS = ("denoiser.", "texture.")
+#: Tensors only the encoder uses: files decode the same whatever they hold.
+ENCODER_PARTS = ("g_a.", "g_a_post.", "h_a.", "gain")
 
 
 def default_weights_path() -> Path:
@@ -72,8 +76,8 @@ def tensors_id(state: dict) -> str:
 
 
 def codec_id(state: dict) -> str:
-    """:func:`tensors_id` of the tensors that are not the diffusion decoder's."""
-    return tensors_id({k: v for k, v in state.items() if not k.startswith(DECODER_PARTS)})
+    """:func:`tensors_id` of the tensors a fidelity decode uses: not the diffusion decoder's, nor the encoder's."""
+    return tensors_id({k: v for k, v in state.items() if not k.startswith(DECODER_PARTS + ENCODER_PARTS)})
 
 
 def reads(meta: dict) -> list[str]:

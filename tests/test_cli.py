@@ -19,7 +19,7 @@ def run(tmp_path):
     runner = CliRunner()
 
     def _run(*args, input=None):
-        res = runner.invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
+        res = runner.invoke(main, [str(a) for a in args], input=input, catch_exceptions=False, prog_name="bdcodec")
         return res
 
     return _run
@@ -95,9 +95,11 @@ def test_corrupt_bdc_fails_and_leaves_no_output(run, small_png, tmp_path):
 
 
 def test_usage_errors_exit_2(run, small_png, tmp_path):
-    assert run("encode", small_png).exit_code == 2
-    assert run("encode", small_png, tmp_path / "o.bdc", "-q", "150").exit_code == 2
-    assert run("decode", "a", "b", "--mode", "pretty").exit_code == 2
+    for args, where in (((small_png,), "encode"), ((small_png, tmp_path / "o.bdc", "-q", "150"), "encode"),
+                        (("a", "b", "--mode", "pretty"), "decode"), (("-o",), "encode")):
+        res = run("decode" if where == "decode" else "encode", *args)
+        assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1, res.stderr  # not click's usage block
+        assert res.stderr.startswith(f"bdcodec {where}: error: ") and f"'bdcodec {where} --help'" in res.stderr
     assert run("frobnicate").exit_code == 2
     for args in (("-q", "nan"), ("--target-bpp", "nan"), ("--roi-weight", "NaN")):  # NaN passes every bound
         res = run("encode", small_png, tmp_path / "o.bdc", *args)
