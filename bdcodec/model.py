@@ -56,7 +56,6 @@ class ModelConfig:
     logsnr_min: float = 1.0  # decoder 2: log-linear logSNR from logsnr_max (t = 0) to logsnr_min (t = 1)
     logsnr_max: float = 10.0
     data_std: float = 0.1  # decoder 2: scale of x - x_bar in [-1, 1] units (preconditioning)
-    enc_blocks: int = 0  # residual blocks on the gained latent after g_a (encoder only; see LatentBlock)
 
     # Weights written before a field existed were trained with these values.
     LEGACY = {"decoder": 1, "sigma_blur_max": 16.0, "logsnr_min": -10.0, "logsnr_max": 10.0}
@@ -81,22 +80,6 @@ class ModelConfig:
     @property
     def levels(self) -> int:
         return len(self.lambdas)
-
-
-class LatentBlock(nn.Module):
-    """``y + conv(act(conv(y)))`` at the latent's resolution; the second conv starts at zero, so a
-    new block starts as the identity and training it can only move the encoder from where it was."""
-
-    def __init__(self, ch: int, width: int):
-        super().__init__()
-        self.conv1 = conv3x3(ch, width)
-        self.act = nn.LeakyReLU(inplace=True)
-        self.conv2 = conv3x3(width, ch)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return y + self.conv2(self.act(self.conv1(y)))
 
 
 def _conv(cin, cout, k=5, s=2):
@@ -157,10 +140,6 @@ class BDCodecModel(nn.Module):
             ResidualBlock(N, N),
             conv3x3(N, M, stride=2),
         )
-        # Encoder-side blocks on the gained latent y_g, in quantiser units: they see the rate
-        # level through the gain, and the decoder never runs them, so they can be trained or
-        # added without touching what any file decodes to.
-        self.g_a_post = nn.Sequential(*(LatentBlock(M, 2 * N) for _ in range(cfg.enc_blocks)))
         self.g_s = nn.Sequential(
             ResidualBlock(M, N),
             ResidualBlockUpsample(N, N, 2),
@@ -238,7 +217,7 @@ class BDCodecModel(nn.Module):
     # -- training -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, level: float) -> dict:
         gain, inv_gain = self.gains(level)
-        y = self.g_a_post(self.g_a(x).float() * gain)
+        y = self.g_a(x).float() * gain
         z = self.h_a(y)
         with torch.autocast(x.device.type, enabled=False):  # likelihoods stay in fp32 under autocast
             z_hat, z_lik = self.entropy_bottleneck(z.float())
@@ -260,7 +239,7 @@ class BDCodecModel(nn.Module):
     def gained(self, y: torch.Tensor, level: float) -> torch.Tensor:
         """The latent y_g that is quantised, from g_a's output ``y`` at ``level``."""
         gain, _ = self.gains(level)
-        return self.g_a_post(y * gain)
+        return y * gain
 
     def synthesis(self, y_hat_g: torch.Tensor, level: float) -> torch.Tensor:
         _, inv_gain = self.gains(level)

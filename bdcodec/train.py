@@ -283,8 +283,8 @@ def main(argv=None):
                     help="stage diffusion: draw training times from [T_MIN, 1) (the sampler's first step is at t = 1)")
     ap.add_argument("--mse-weight", type=float, default=0.1,
                     help="decoder 2: weight of the preconditioned (EDM-normalised) squared error")
-    ap.add_argument("--enc-blocks", type=int, default=None,
-                    help="residual blocks on the gained latent after g_a (new ones start as the identity)")
+    ap.add_argument("--encoder-parts", default=None,
+                    help="--stage encoder: comma-separated parts to train (default: all of g_a.,h_a.,gain)")
     ap.add_argument("--decoder", type=int, choices=[1, 2], default=None,
                     help="stage diffusion: start a fresh diffusion decoder of this design on the init's codec")
     ap.add_argument("--export", default=None, help="write the best checkpoint to this safetensors file and exit")
@@ -372,10 +372,6 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
         record.setdefault("stages", [])
         record["parent"] = lineage(init)  # lets the export read the init's files if the codec stays
         cfg = model.cfg
-        if getattr(args, "enc_blocks", None) is not None and args.enc_blocks != cfg.enc_blocks:
-            model, cfg = _new_encoder_blocks(model, args.enc_blocks)
-            record["stages"].append({"stage": "encoder blocks", "enc_blocks": args.enc_blocks,
-                                     "note": "blocks on the gained latent; new ones start as the identity"})
         if getattr(args, "decoder", None) and args.decoder != cfg.decoder:
             model, cfg = _new_decoder(model, args.decoder)
             record["stages"].append({"stage": "new diffusion decoder", "decoder": args.decoder,
@@ -397,7 +393,10 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
                         if not n.startswith(DECODER_PARTS) and not n.endswith("quantiles")]
     elif stage == "encoder":  # the R-D loss through a frozen decoder: every file decodes as before
         model.requires_grad_(False)
-        train_params = [p for n, p in model.named_parameters() if n.startswith(ENCODER_PARTS)]
+        parts = tuple(args.encoder_parts.split(",")) if args.encoder_parts else ENCODER_PARTS
+        if not set(parts) <= set(ENCODER_PARTS):
+            raise SystemExit(f"--encoder-parts: choose among {','.join(ENCODER_PARTS)}")
+        train_params = [p for n, p in model.named_parameters() if n.startswith(parts)]
         for p in train_params:
             p.requires_grad_(True)
     else:
@@ -579,16 +578,6 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
     if bar:
         bar.close()
     return images
-
-
-def _new_encoder_blocks(model: BDCodecModel, blocks: int) -> tuple[BDCodecModel, ModelConfig]:
-    """The same codec with ``blocks`` latent blocks after g_a: the existing ones kept, new ones the identity."""
-    cfg = ModelConfig.from_json(json.dumps({**json.loads(model.cfg.to_json()), "enc_blocks": blocks}))
-    new = BDCodecModel(cfg, trainable=True)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(f"g_a_post.{blocks}")}
-    missing, unexpected = new.load_state_dict(state, strict=False)
-    assert all(k.startswith("g_a_post.") for k in missing + unexpected), (missing, unexpected)
-    return new, cfg
 
 
 def _new_decoder(model: BDCodecModel, decoder: int) -> tuple[BDCodecModel, ModelConfig]:

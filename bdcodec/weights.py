@@ -10,7 +10,7 @@ Metadata keys (all strings):
 - ``reads`` (optional): JSON list of the ids of earlier weights whose files these
   weights decode exactly as those did in fidelity mode: the same tensors but for the
   diffusion decoder (texture branch and denoiser), which only renders the perceptual
-  decode, and the encoder's (g_a, its latent blocks, h_a and the gains), which no
+  decode, and the encoder's (g_a, h_a and the gains), which no
   decode runs.  A retrained diffusion decoder or encoder so keeps every existing file
   readable.
 
@@ -43,7 +43,7 @@ FORMAT = "1"
 # The tensors of the diffusion decoder: everything else decides what a file's bytes mean.
 DECODER_PARTS = ("denoiser.", "texture.")
 #: Tensors only the encoder uses: files decode the same whatever they hold.
-ENCODER_PARTS = ("g_a.", "g_a_post.", "h_a.", "gain")
+ENCODER_PARTS = ("g_a.", "h_a.", "gain")
 
 
 def default_weights_path() -> Path:
