@@ -131,14 +131,35 @@ def refine_latent(model, x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, le
     var = y.detach().clone().requires_grad_(True)
     layout, g_in = x_layout(x), inv_gain.cpu()
 
+    def synthesis(y_hat):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model.g_s((y_hat * g_in).to(device, memory_format=layout)).float()
+
+    threads = torch.get_num_threads()
+
     def distortion(y_hat):
         """The distortion term of what the decoder makes of the (rounded or relaxed) latent."""
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            x_bar = model.g_s((y_hat * g_in).to(device, memory_format=layout)).float()
+        x_bar = _threaded(y_hat, synthesis, threads)
         return lam * ((x_bar - x).square() * weight).mean() if dct is None else dct(x_bar) / pixels
 
-    if relax == "sga":
-        return _fit_sga(model, y, var, psi, pixels, distortion, steps, gen)
+    # Only g_s runs on every thread (its convolutions give the same sums on any number of
+    # threads); the entropy model, the costs and the steps run on one (the entropy model's
+    # 1x1 convolutions split their sums by thread), so a fitted file is the same bytes
+    # whatever --threads or -j is.
+    torch.set_num_threads(1)
+    try:
+        if relax == "sga":
+            return _fit_sga(model, y, var, psi, pixels, distortion, steps, gen)
+        return _fit_ste(model, y, var, psi, pixels, distortion, steps, gen, lr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_ste(model, y, var, psi, pixels, distortion, steps, gen, lr):
+    """Straight-through fit: rate under uniform noise, distortion of the rounded latent, normalised
+    gradient steps of ``lr`` per RMS gradient with a cosine decay; the best rounded latent is kept."""
+    import torch
+
     opt = torch.optim.SGD([var], lr=lr)
     best, best_loss = y, math.inf
     with torch.enable_grad():
@@ -163,6 +184,46 @@ def refine_latent(model, x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, le
             var.grad /= var.grad.square().mean().sqrt().clamp(min=1e-12)  # a step of lr per RMS gradient
             opt.step()
     return best
+
+
+def _threaded(t, fn, threads: int):
+    """``fn(t)`` run forward and backward on ``threads`` threads, inside a computation on fewer."""
+    import torch
+
+    return _threaded_function()(t, fn, threads) if torch.is_grad_enabled() else _on_threads(threads, fn, t)
+
+
+def _on_threads(n: int, fn, *args):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def _threaded_function():
+    import torch
+
+    class Threaded(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t, fn, threads):
+            with torch.enable_grad():
+                leaf = t.detach().requires_grad_(True)
+                out = _on_threads(threads, fn, leaf)
+            ctx.graph, ctx.threads = (leaf, out), threads
+            return out.detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            leaf, out = ctx.graph
+            _on_threads(ctx.threads, torch.autograd.backward, out, grad)
+            return leaf.grad, None, None
+
+    return Threaded.apply
 
 
 def _sga_rounding(tau: float, gen):

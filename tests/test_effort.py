@@ -85,6 +85,20 @@ def test_annealed_fit_lowers_the_cost_and_is_deterministic(codec, crop, monkeypa
     assert _cost(codec, crop, fitted, level) < 0.97 * _cost(codec, crop, plain, level)
 
 
+def test_fitted_files_do_not_depend_on_the_thread_count(crop, monkeypatch):
+    """Only the fit's g_s runs on several threads, and its sums do not depend on how many: files made
+    with 1 and 2 threads (as -j 2 and -j 1 give on 2 cores) are the same bytes, straight-through and annealed."""
+    import bdcodec.codec as cc
+    from bdcodec.codec import Codec
+
+    monkeypatch.setattr(cc, "EFFORT_STEPS", (0, 2, 2, 3, 4, 5, 6, 4, 6, 8))
+    one, two = Codec(device="cpu", threads=1), Codec(device="cpu", threads=2)  # channels-last, as the CLI's
+    small = np.ascontiguousarray(crop[:128, :192])
+    for quality, effort in ((20.0, 2), (70.0, 3), (0.0, 7)):
+        assert one.encode(small, quality=quality, mode="fidelity", effort=effort) == \
+            two.encode(small, quality=quality, mode="fidelity", effort=effort), (quality, effort)
+
+
 def _layer_cost(codec, pixels, data, step):
     """Squared error + lambda x bits at the refinement layer's exchange rate (what the plan is chosen by)."""
     from bdcodec import refine
