@@ -174,10 +174,19 @@ def _write_output(path: str, data: bytes, force: bool) -> None:
         raise BdcError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
+_IMAGE_SUFFIXES = {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif", ".gif", ".bmp", ".tif", ".tiff",
+                   ".jxl", ".ppm", ".pgm", ".pnm", ".heic", ".heif", ".jp2", ".tga", ".qoi"}
+
+
 def _jobs(args: tuple[str, ...], output_dir: str | None, suffix: str) -> list[tuple[str, str]]:
     if output_dir is None:
         if len(args) != 2:
             raise click.UsageError("give IN OUT, or several inputs with -o DIR")
+        ext = Path(args[1]).suffix.lower() if args[1] != "-" else ""
+        if suffix == ".bdc" and ext in _IMAGE_SUFFIXES:
+            raise click.UsageError(f"{args[1]}: the encoder writes .bdc files, not {ext} (IN and OUT swapped?)")
+        if suffix != ".bdc" and ext == ".bdc":
+            raise click.UsageError(f"{args[1]}: the decoder writes images, not .bdc files (IN and OUT swapped?)")
         return [(args[0], args[1])]
     if not args:
         raise click.UsageError("no input files")
@@ -663,7 +672,8 @@ def main():
               help="Encoder effort 0..9: gradient steps that fit the latent to the image; from 1 up (with "
                    "--tune fidelity, above quality 50) refinement levels chosen by rate and distortion and a "
                    "choice between rate plans per file, compared after a short fit from 7 up (more: smaller "
-                   "files or higher PSNR, slower encodes; any effort decodes the same way). See the README's table.")
+                   "files or higher PSNR, slower encodes; any effort decodes the same way). Perceptual files below quality 16.5 "
+                   "are not fitted. See the README's table.")
 @click.option("--roi", "roi_path", type=click.Path(dir_okay=False), default=None, metavar="MASK",
               help="Region of interest: a grayscale image of the input's size, white = important. Its squared "
                    "error counts --roi-weight times more, so it gets more of the bits (effort at least "
@@ -844,6 +854,22 @@ def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights,
     warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
     from .bench import run_bench
 
+    known = ("bdcodec", "jpeg", "jpeg444", "webp", "avif", "jxl")
+    unknown = [c for c in codecs.split(",") if c not in known]
+    if unknown:
+        raise click.BadParameter(f"unknown codec {unknown[0]!r} (choose from {', '.join(known)})",
+                                 param_hint="--codecs")
+    bad = [m for m in modes.split(",") if m not in ("fidelity", "perceptual")]
+    if bad:
+        raise click.BadParameter(f"unknown mode {bad[0]!r} (choose from fidelity, perceptual)", param_hint="--modes")
+    if qualities is not None:
+        try:
+            values = [float(q) for q in qualities.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"not a comma-separated list of numbers: {qualities!r}",
+                                     param_hint="--qualities") from None
+        if not all(0 <= q <= 100 for q in values):  # NaN fails this too
+            raise click.BadParameter("qualities are 0..100", param_hint="--qualities")
     try:
         levels = sorted({int(e) for e in efforts.split(",")})
     except ValueError:

@@ -101,6 +101,12 @@ def test_usage_errors_exit_2(run, small_png, tmp_path):
         assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1, res.stderr  # not click's usage block
         assert res.stderr.startswith(f"bdcodec {where}: error: ") and f"'bdcodec {where} --help'" in res.stderr
     assert run("frobnicate").exit_code == 2
+    for cmd, out in (("encode", "o.png"), ("decode", "o.bdc")):  # IN and OUT swapped, most likely
+        res = run(cmd, small_png, tmp_path / out)
+        assert res.exit_code == 2 and "swapped" in res.stderr and not (tmp_path / out).exists()
+    for bad in (("--qualities", "abc"), ("--qualities", "150"), ("--codecs", "foo"), ("--modes", "pretty")):
+        res = run("bench", tmp_path, "--no-speed", *bad)
+        assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1, (bad, res.stderr)
     for args in (("-q", "nan"), ("--target-bpp", "nan"), ("--roi-weight", "NaN")):  # NaN passes every bound
         res = run("encode", small_png, tmp_path / "o.bdc", *args)
         assert res.exit_code == 2 and "not a number" in res.stderr, args
@@ -114,7 +120,11 @@ def test_output_into_missing_folder_and_onto_input(run, small_png, tmp_path):
     _one_error_line(res)
     before = small_png.read_bytes()
     res = run("encode", small_png, small_png)
-    assert res.exit_code == 1 and small_png.read_bytes() == before
+    assert res.exit_code == 2 and small_png.read_bytes() == before  # an image suffix for OUT: swapped?
+    odd = tmp_path / "small.img"
+    odd.write_bytes(before)
+    res = run("encode", odd, odd)
+    assert res.exit_code == 1 and odd.read_bytes() == before
 
 
 def test_batch_reports_each_failure_and_continues(run, small_png, tmp_path):
@@ -314,18 +324,23 @@ def test_existing_outputs_are_never_replaced_without_force(run, shared_codec, tm
     """`encode a.png b.png` replaced the photo b.png; `decode a.bdc b.bdc` replaced b.bdc."""
     a, b = _tiny_png(tmp_path / "a.png", 0), _tiny_png(tmp_path / "b.png", 1)
     photo = b.read_bytes()
-    res = run("encode", a, b)
-    assert res.exit_code == 1 and b.read_bytes() == photo
+    for force in ((), ("-f",)):  # an image suffix for OUT: refused before anything, even with -f
+        res = run("encode", a, b, *force)
+        assert res.exit_code == 2 and b.read_bytes() == photo and "swapped" in res.stderr
+    other = tmp_path / "b.data"
+    other.write_bytes(photo)
+    res = run("encode", a, other)
+    assert res.exit_code == 1 and other.read_bytes() == photo
     assert "already exists" in res.stderr and "-f" in res.stderr
     _one_error_line(res)
     assert run("encode", a, tmp_path / "a.bdc").exit_code == 0
     assert run("encode", b, tmp_path / "b.bdc").exit_code == 0
     kept = (tmp_path / "b.bdc").read_bytes()
-    res = run("decode", tmp_path / "a.bdc", tmp_path / "b.bdc", "--mode", "fidelity")
-    assert res.exit_code == 1 and (tmp_path / "b.bdc").read_bytes() == kept
+    res = run("decode", tmp_path / "a.bdc", tmp_path / "b.bdc", "--mode", "fidelity")  # .bdc OUT: swapped?
+    assert res.exit_code == 2 and (tmp_path / "b.bdc").read_bytes() == kept
     res = run("encode", a, tmp_path / "b.bdc")  # an existing .bdc is no exception
     assert res.exit_code == 1 and (tmp_path / "b.bdc").read_bytes() == kept
-    assert run("encode", a, b, "-f").exit_code == 0 and b.read_bytes()[:3] == b"BDC"  # -f replaces
+    assert run("encode", a, other, "-f").exit_code == 0 and other.read_bytes()[:3] == b"BDC"  # -f replaces
     # batch: an existing output is reported and skipped, the other files are done
     out = tmp_path / "out"
     out.mkdir()
@@ -365,7 +380,6 @@ def test_checks_run_before_any_model_work(run, no_model, tmp_path):
     """a missing output folder was reported 33 s into a decode, output == input after the encode."""
     png = _tiny_png(tmp_path / "a.png")
     for args in [("encode", png, tmp_path / "missing" / "a.bdc"),
-                 ("encode", png, png, "-f"),
                  ("encode", png, tmp_path / "a.bdc", "--max-pixels", 100),
                  ("encode", tmp_path / "none.png", tmp_path / "b.bdc"),
                  ("decode", png, tmp_path / "a2.png"),
@@ -373,6 +387,7 @@ def test_checks_run_before_any_model_work(run, no_model, tmp_path):
         res = run(*args)
         assert res.exit_code == 1, args
         _one_error_line(res)
+    assert run("encode", png, png, "-f").exit_code == 2  # OUT with an image suffix
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
 
 
