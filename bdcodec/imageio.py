@@ -114,6 +114,9 @@ def read_image(data: bytes, name: str = "input", max_pixels: int | None = None) 
     gray = mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         arr = np.asarray(im, dtype=np.float64)
+        if mode == "I" and arr.size and (arr.max() > 65535 or arr.min() < 0):  # a 32-bit integer TIFF, say
+            raise BdcError(f"{name}: 32-bit integer pixels outside 0..65535 (their white is unknown); "
+                           "convert the image to 8 or 16 bits first")
         peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
         if mode == "F":
             peak = 1.0 if arr.max() <= 1.0 else 255.0

@@ -176,6 +176,10 @@ def test_grayscale_16bit_alpha_palette_and_exif(run, tmp_path):
     assert Image.open(out / "g16.png").mode == "L"
     assert Image.open(out / "rgba.png").mode == "RGB"
     assert Image.open(out / "rot.png").size == (48, 64)  # EXIF orientation applied
+    i32 = tmp_path / "i32.tif"  # 32-bit integers beyond 16 bits: no known white, refused rather than clipped
+    Image.fromarray(base.astype(np.int32) * 1000, "I").save(i32)
+    res = run("encode", i32, tmp_path / "i32.bdc")
+    assert res.exit_code == 1 and "32-bit" in res.stderr and not (tmp_path / "i32.bdc").exists()
 
 
 def test_stdin_stdout_and_help_without_torch(small_png, tmp_path):
