@@ -152,6 +152,8 @@ def pack(header: Header, streams: Streams) -> bytes:
 def unpack(data: bytes, max_pixels: int | None = None) -> tuple[Header, Streams]:
     """Parse and validate a ``.bdc`` file; raises :class:`BdcError` on anything malformed."""
     data = bytes(data)
+    if not data:
+        raise BdcError("empty file, not a .bdc file")
     if len(data) < 4 or data[:3] != MAGIC:
         raise BdcError("not a .bdc file (bad magic)")
     r = _Reader(data)
@@ -163,7 +165,7 @@ def unpack(data: bytes, max_pixels: int | None = None) -> tuple[Header, Streams]
         raise BdcError("truncated file: shorter than a header")
     stored_crc = struct.unpack("<I", data[-4:])[0]
     if zlib.crc32(data[:-4]) != stored_crc:
-        raise BdcError("corrupt file: checksum mismatch")
+        raise BdcError("corrupt or truncated file: checksum mismatch")
     flags = r.u8("flags")
     known = _FLAG_GRAY | _FLAG_FIDELITY | (_FLAG_REFINE if version >= 2 else 0)
     if flags & ~known:

@@ -62,8 +62,8 @@ def _resealed(body: bytes) -> bytes:
 
 def test_refuses_foreign_truncated_and_corrupt_data():
     data = pack(HEADER, STREAMS)
-    for bad, msg in [(b"", "bad magic"), (b"PNG\x89....", "bad magic"), (data[:10], "truncated"),
-                     (data[:-1], "checksum"), (data[:3] + b"\x09" + data[4:], "version")]:
+    for bad, msg in [(b"", "empty file"), (b"PNG\x89....", "bad magic"), (data[:10], "truncated"),
+                     (data[:-1], "truncated file: checksum"), (data[:3] + b"\x09" + data[4:], "version")]:
         with pytest.raises(BdcError, match=msg):
             unpack(bad)
     flipped = bytearray(data)
