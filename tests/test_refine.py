@@ -60,15 +60,23 @@ def test_large_values_take_the_escape_path():
 def test_projection_stays_in_the_coded_cells_and_keeps_detail():
     rng = np.random.default_rng(2)
     r = _residual(rng, 48, 64)
+    r[:, :32] *= 0.05  # a flat half, whose blocks code almost nothing
     act = _activity(rng, 48, 64)
     payload, _ = refine.encode(r, 12.0, act)
     ref = refine.decode(payload, 48, 64, act)
     proposal = r + rng.normal(0, 3, r.shape)
-    out = refine.project(ref, proposal)
-    coef = refine._forward(out)
-    assert np.array_equal(refine.quantize(coef, ref.steps), ref.q)
-    # the projection moves the proposal no further than the file's reconstruction is from it
-    assert np.linalg.norm(out - proposal) <= np.linalg.norm(refine.reconstruct(ref) - proposal)
+    for gate in (2, 65):  # 65: no block is described by the file, all keep the proposal's detail
+        out = refine.project(ref, proposal, gate=gate)
+        coef = refine._forward(out)
+        assert np.array_equal(refine.quantize(coef, ref.steps), ref.q)
+        # the projection moves the proposal no further than the file's reconstruction is from it
+        assert np.linalg.norm(out - proposal) <= np.linalg.norm(refine.reconstruct(ref) - proposal)
+    # blocks with two or more coded luma coefficients are the file's; the others keep the proposal's detail
+    out = refine._forward(refine.project(ref, proposal, gate=2)) / ref.steps[:, None, None]
+    described = (ref.q[0] != 0).sum(-1) >= 2
+    assert described.any() and (~described).any()
+    assert np.allclose(out[:, described], ref.q[:, described])
+    assert not np.allclose(out[:, ~described], ref.q[:, ~described])
 
 
 def test_encoding_is_deterministic():
