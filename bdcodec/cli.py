@@ -142,7 +142,7 @@ def _check_output(dst: str, inputs: set, taken: set, force: bool) -> None:
             raise BdcError(f"{dst}: already exists, left as it is (use -f to replace it)")
     key = os.path.realpath(dst)
     if key in taken:
-        raise BdcError(f"{dst}: is already the output of another input")
+        raise BdcError(f"{dst}: is already the output of another input of the same name")
     taken.add(key)
     if st is None or stat.S_ISREG(st.st_mode):
         folder = Path(dst).parent
@@ -196,7 +196,13 @@ def _jobs(args: tuple[str, ...], output_dir: str | None, suffix: str) -> list[tu
         Path(output_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise click.UsageError(f"-o {output_dir}: cannot create folder ({exc.strerror})") from None
-    return [(a, str(Path(output_dir) / (Path(a).stem + suffix))) for a in args]
+    seen, unique = set(), []
+    for a in args:  # the same file named twice (overlapping globs) is coded once
+        key = os.path.realpath(a)
+        if key not in seen:
+            seen.add(key)
+            unique.append(a)
+    return [(a, str(Path(output_dir) / (Path(a).stem + suffix))) for a in unique]
 
 
 def _attempt(src: str, dst: str, fn, *args) -> tuple[bool, object]:

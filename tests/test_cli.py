@@ -362,6 +362,8 @@ def test_existing_outputs_are_never_replaced_without_force(run, shared_codec, tm
     res = run("encode", a, a2, "-o", tmp_path / "new", "-f")
     assert res.exit_code == 1 and "already the output of another input" in res.stderr
     assert (tmp_path / "new" / "a.bdc").read_bytes() == (out / "a.bdc").read_bytes()  # a.png's, not d/a.png's
+    res = run("encode", a, c, a, "-o", tmp_path / "twice")  # one file named twice (overlapping globs): coded once
+    assert res.exit_code == 0 and sorted(p.name for p in (tmp_path / "twice").iterdir()) == ["a.bdc", "c.bdc"]
 
 
 def test_fifo_outputs_are_written_in_place(run, shared_codec, tmp_path):
