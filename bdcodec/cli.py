@@ -634,6 +634,7 @@ class _Group(click.Group):
                 where = " ".join(filter(None, (prog_name or "bdcodec", sub)))
             msg = exc.format_message()
             msg = msg[:-1] if msg.endswith(".") else msg
+            msg = msg.replace(". (Did you mean", " (did you mean")
             msg = msg[0].lower() + msg[1:] if msg[:2].istitle() else msg
             click.echo(f"{where}: error: {msg} (see '{where} --help')", err=True)
             sys.exit(exc.exit_code)
@@ -879,7 +880,7 @@ def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights,
     try:
         levels = sorted({int(e) for e in efforts.split(",")})
     except ValueError:
-        raise click.BadParameter(f"not a comma-separated list of integers: {efforts}", param_hint="--efforts")
+        raise click.BadParameter(f"not a comma-separated list of integers: {efforts!r}", param_hint="--efforts")
     if not all(0 <= e <= MAX_EFFORT for e in levels):
         raise click.BadParameter(f"efforts are 0..{MAX_EFFORT}", param_hint="--efforts")
     if 0 not in levels:
