@@ -117,7 +117,7 @@ def _source(path: str) -> bytes | None:
     return None
 
 
-def _check_output(dst: str, inputs: set, taken: set, force: bool) -> None:
+def _check_output(dst: str, inputs: set, taken: set, force: bool, src: str | None = None) -> None:
     """Raise BdcError when ``dst`` may not be written; run for every file before any work.
 
     The rule: an existing regular file is never replaced without -f; an existing FIFO
@@ -142,7 +142,8 @@ def _check_output(dst: str, inputs: set, taken: set, force: bool) -> None:
             raise BdcError(f"{dst}: already exists, left as it is (use -f to replace it)")
     key = os.path.realpath(dst)
     if key in taken:
-        raise BdcError(f"{dst}: is already the output of another input of the same name")
+        raise BdcError(f"{dst}: is already the output of another input of the same name"
+                       + (f" ({src} skipped)" if src else ""))
     taken.add(key)
     if st is None or stat.S_ISREG(st.st_mode):
         folder = Path(dst).parent
@@ -282,7 +283,7 @@ def _run(ui: _Terminal, jobs, force: bool, steps, weights, device, threads, verb
 
     def check_both(src, dst):
         prepared = check(src, dst)
-        _check_output(dst, inputs, taken, force)
+        _check_output(dst, inputs, taken, force, src)
         return prepared
 
     pool = None
