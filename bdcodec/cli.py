@@ -680,8 +680,8 @@ def main():
               help="Encoder effort 0..9: gradient steps that fit the latent to the image; from 1 up (with "
                    "--tune fidelity, above quality 50) refinement levels chosen by rate and distortion and a "
                    "choice between rate plans per file, compared after a short fit from 7 up (more: smaller "
-                   "files or higher PSNR, slower encodes; any effort decodes the same way). Perceptual files below quality 16.5 "
-                   "are not fitted. See the README's table.")
+                   "files or higher PSNR, slower encodes; any effort decodes the same way). Perceptual files "
+                   "below quality 16.5 are not fitted. See the README's table.")
 @click.option("--roi", "roi_path", type=click.Path(dir_okay=False), default=None, metavar="MASK",
               help="Region of interest: a grayscale image of the input's size, white = important. Its squared "
                    "error counts --roi-weight times more, so it gets more of the bits (effort at least "
@@ -860,9 +860,9 @@ def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights,
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
-    from .bench import run_bench
+    from .bench import BASELINES, run_bench
 
-    known = ("bdcodec", "jpeg", "jpeg444", "webp", "avif", "jxl")
+    known = ("bdcodec", *BASELINES)
     unknown = [c for c in codecs.split(",") if c not in known]
     if unknown:
         raise click.BadParameter(f"unknown codec {unknown[0]!r} (choose from {', '.join(known)})",

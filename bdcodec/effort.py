@@ -146,13 +146,10 @@ def refine_latent(model, x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, le
     # threads); the entropy model, the costs and the steps run on one (the entropy model's
     # 1x1 convolutions split their sums by thread), so a fitted file is the same bytes
     # whatever --threads or -j is.
-    torch.set_num_threads(1)
-    try:
+    with _threads(1):
         if relax == "sga":
             return _fit_sga(model, y, var, psi, pixels, distortion, steps, gen)
         return _fit_ste(model, y, var, psi, pixels, distortion, steps, gen, lr)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _fit_ste(model, y, var, psi, pixels, distortion, steps, gen, lr):
@@ -186,22 +183,21 @@ def _fit_ste(model, y, var, psi, pixels, distortion, steps, gen, lr):
     return best
 
 
+def _threads(n: int):
+    """The codec's block that runs torch's CPU operators on ``n`` threads."""
+    from .codec import _threads as threads  # imported here: the codec imports this module
+
+    return threads(n)
+
+
 def _threaded(t, fn, threads: int):
     """``fn(t)`` run forward and backward on ``threads`` threads, inside a computation on fewer."""
     import torch
 
-    return _threaded_function()(t, fn, threads) if torch.is_grad_enabled() else _on_threads(threads, fn, t)
-
-
-def _on_threads(n: int, fn, *args):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(before)
+    if torch.is_grad_enabled():
+        return _threaded_function()(t, fn, threads)
+    with _threads(threads):
+        return fn(t)
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,16 +207,17 @@ def _threaded_function():
     class Threaded(torch.autograd.Function):
         @staticmethod
         def forward(ctx, t, fn, threads):
-            with torch.enable_grad():
+            with torch.enable_grad(), _threads(threads):
                 leaf = t.detach().requires_grad_(True)
-                out = _on_threads(threads, fn, leaf)
+                out = fn(leaf)
             ctx.graph, ctx.threads = (leaf, out), threads
             return out.detach()
 
         @staticmethod
         def backward(ctx, grad):
             leaf, out = ctx.graph
-            _on_threads(ctx.threads, torch.autograd.backward, out, grad)
+            with _threads(ctx.threads):
+                out.backward(grad)
             return leaf.grad, None, None
 
     return Threaded.apply
