@@ -145,12 +145,18 @@ def test_periodic_structure_finds_a_lattice_and_not_image_content():
 
 
 def test_perceptual_decodes_carry_no_more_periodic_structure_than_the_original(codec):
+    # On average over the examples within 1.5x of the originals' (the bench's measure, a mean over images), and
+    # on no example beyond 2x: a lattice such as an earlier denoiser drew scored 5.5x.
     from bdcodec.metrics import periodic_structure
 
-    photo = np.asarray(Image.open(EXAMPLES[0]).convert("RGB"))
-    out, _ = codec.decode(codec.encode(photo, quality=0))
-    for period in (8, 4):
-        assert periodic_structure(out, period) <= 1.5 * periodic_structure(photo, period)
+    ratios = {8: [], 4: []}
+    for path in EXAMPLES:
+        photo = np.asarray(Image.open(path).convert("RGB"))
+        out, _ = codec.decode(codec.encode(photo, quality=0))
+        for period in ratios:
+            ratios[period].append(periodic_structure(out, period) / periodic_structure(photo, period))
+    for period, r in ratios.items():
+        assert np.mean(r) <= 1.5 and max(r) <= 2.0, (period, r)
 
 
 def test_effort_table_compares_each_effort_with_effort_0_of_its_mode():
