@@ -16,7 +16,9 @@ oneDNN's sums change in the last bit with the thread count, so across thread
 counts a perceptual decode may differ by one grey level in a few pixels (on the
 examples: at most 1, in 4 to 38 pixels of 393 216), and an encoder's g_a output
 could flip a rounded symbol; with the same thread count, bytes and pixels are
-identical run to run, and ``threads=1`` gives the same everywhere.  With
+identical run to run, and ``threads=1`` gives the same everywhere.  On a CPU with
+native bf16, g_a runs under bf16 autocast, so an encoder with and one without it
+may round a few symbols differently; the files decode the same anywhere.  With
 ``device="cuda"`` the transforms and the denoiser run on the GPU; the entropy path
 stays on the CPU, so files still decode anywhere.
 """
@@ -37,7 +39,7 @@ from .container import Header, Streams
 from .diffusion import BlurSchedule
 from .entropy import anchor_mask, scale_indexes
 from .effort import (DEFAULT_EFFORT, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, EFFORT_STEPS, MAX_EFFORT, ROI_MIN_EFFORT,
-                     SGA_FROM, refine_latent)
+                     SGA_FROM, native_bf16, refine_latent)
 from .errors import BdcError
 from .model import pad_to
 from .rans import HyperCoder, PassDecoder, PassEncoder, decode_z_compressai
@@ -214,6 +216,9 @@ class Codec:
         if threads is not None and threads < 1:
             raise BdcError(f"threads must be at least 1, got {threads}")
         self.threads = threads or cpu_count()
+        # g_a under bf16 autocast where the CPU multiplies bf16 natively: about 2x faster; it only moves the
+        # latent before rounding (mean |change| 0.7 % of |y|), so files stay as good and decode the same anywhere.
+        self.analysis_bf16 = self.device.type == "cpu" and model is None and native_bf16("cpu")
         # oneDNN runs the convolutions in NHWC about 1.4x faster than in NCHW on the CPU.
         self._layout = torch.channels_last if self.device.type == "cpu" and model is None else torch.contiguous_format
         cfg = self.model.cfg
@@ -511,7 +516,7 @@ class Codec:
     def _analyse(self, x: torch.Tensor, progress: _Progress | None = None) -> torch.Tensor:
         """The latent y (ungained, fp32 on the CPU) of a padded (1, 3, H, W) image in 0..1."""
         x = x.to(self.device, memory_format=self._layout)
-        with _threads(self.threads):
+        with _threads(self.threads), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.analysis_bf16):
             y = _tiled(self.model.g_a, x, 1 / 16, TILE, MARGIN, progress)
         return y.float().cpu().contiguous()
 

@@ -86,6 +86,24 @@ def test_encode_is_deterministic_and_threads_change_pixels_at_most_by_one(codec,
         Codec(device="cpu", threads=0)
 
 
+def test_bf16_analysis_keeps_the_file_as_good_as_fp32(codec, kodim23, monkeypatch):
+    """g_a runs under bf16 where the CPU has it natively; it moves the latent before rounding, not after."""
+    from bdcodec.effort import native_bf16
+
+    assert codec.analysis_bf16 == native_bf16("cpu")
+    sizes, scores, latents = [], [], []
+    for flag in (False, True):
+        monkeypatch.setattr(codec, "analysis_bf16", flag)
+        latents.append(codec._analyse(codec._tensor(kodim23)))
+        for quality in (20, 75):
+            data = codec.encode(kodim23, quality=quality)
+            sizes.append(len(data))
+            scores.append(psnr(kodim23, codec.decode(data, mode="fidelity")[0]))
+    assert not torch.equal(*latents)  # the flag is what decides g_a's precision
+    for k in range(2):
+        assert sizes[2 + k] == pytest.approx(sizes[k], rel=0.01) and abs(scores[2 + k] - scores[k]) < 0.05
+
+
 @pytest.mark.parametrize("size", [(1, 1), (17, 33), (513, 257)])
 def test_odd_sizes_round_trip_to_the_same_size(codec, size):
     rng = np.random.default_rng(0)
