@@ -39,6 +39,7 @@ class ModelConfig:
     """Architecture; stored as JSON in the weights' metadata."""
 
     N: int = 64  # transform channels
+    N_outer: int = 0  # channels of g_a's first and g_s's last stage, at half resolution (0: N); most of their cost
     M: int = 128  # latent channels
     hyper_N: int = 96  # hyper-latent channels
     chunks: tuple[int, ...] = (16, 16, 32, 64)  # uneven channel chunks of y
@@ -61,7 +62,10 @@ class ModelConfig:
     LEGACY = {"decoder": 1, "sigma_blur_max": 16.0, "logsnr_min": -10.0, "logsnr_max": 10.0}
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        data = dataclasses.asdict(self)
+        if not data["N_outer"]:  # as before the field existed, so that earlier versions read these weights
+            del data["N_outer"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
@@ -131,10 +135,11 @@ class BDCodecModel(nn.Module):
         self.trainable = trainable
         self.cfg = cfg
         N, M, Nh = cfg.N, cfg.M, cfg.hyper_N
+        No = cfg.N_outer or N
         self.g_a = nn.Sequential(
-            ResidualBlockWithStride(3, N, stride=2),
-            ResidualBlock(N, N),
-            ResidualBlockWithStride(N, N, stride=2),
+            ResidualBlockWithStride(3, No, stride=2),
+            ResidualBlock(No, No),
+            ResidualBlockWithStride(No, N, stride=2),
             ResidualBlock(N, N),
             ResidualBlockWithStride(N, N, stride=2),
             ResidualBlock(N, N),
@@ -146,9 +151,9 @@ class BDCodecModel(nn.Module):
             ResidualBlock(N, N),
             ResidualBlockUpsample(N, N, 2),
             ResidualBlock(N, N),
-            ResidualBlockUpsample(N, N, 2),
-            ResidualBlock(N, N),
-            subpel_conv3x3(N, 3, 2),
+            ResidualBlockUpsample(N, No, 2),
+            ResidualBlock(No, No),
+            subpel_conv3x3(No, 3, 2),
         )
         self.h_a = nn.Sequential(
             conv3x3(M, Nh), nn.LeakyReLU(inplace=True), _conv(Nh, Nh), nn.LeakyReLU(inplace=True), _conv(Nh, Nh)

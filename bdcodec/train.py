@@ -15,6 +15,7 @@ Multi-GPU/multi-process: launch with ``torchrun --nproc_per_node N -m bdcodec.tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -243,7 +244,7 @@ def main(argv=None):
     if argv[:1] == ["pack"]:
         return pack_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m bdcodec.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=["rd", "encoder", "diffusion", "both"], default="rd",
+    ap.add_argument("--stage", choices=["rd", "encoder", "diffusion", "both", "distill"], default="rd",
                     help="both: rd, then diffusion on its best latents, within one --minutes budget")
     ap.add_argument("--data", default="../shared/data/train", help="folder of images or a pack file")
     ap.add_argument("--val", default="../shared/data/kodak")
@@ -285,6 +286,8 @@ def main(argv=None):
                     help="decoder 2: weight of the preconditioned (EDM-normalised) squared error")
     ap.add_argument("--encoder-parts", default=None,
                     help="--stage encoder: comma-separated parts to train (default: all of g_a.,h_a.,gain)")
+    ap.add_argument("--outer", type=int, default=None,
+                    help="--stage distill: channels of the narrower g_a first and g_s last stage, taught by the init's")
     ap.add_argument("--decoder", type=int, choices=[1, 2], default=None,
                     help="stage diffusion: start a fresh diffusion decoder of this design on the init's codec")
     ap.add_argument("--export", default=None, help="write the best checkpoint to this safetensors file and exit")
@@ -386,9 +389,21 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
                 kw["chunks"] = tuple([cfg.M // 4] * 4)
             cfg = ModelConfig(**{**json.loads(cfg.to_json()), **kw})
         model = BDCodecModel(cfg)
+    teacher = None
+    if stage == "distill":  # a narrower g_a and g_s learn to give what the init's give; the rest is the init's
+        if not init or not args.outer:
+            raise SystemExit("--stage distill needs --init (the teacher) and --outer")
+        teacher = model.to(device).eval().requires_grad_(False)
+        cfg = dataclasses.replace(cfg, N_outer=args.outer)
+        model = narrowed(teacher, cfg)
     model.to(device).train()
 
-    if stage == "rd":
+    if stage == "distill":
+        model.requires_grad_(False)
+        train_params = list(model.g_a.parameters()) + list(model.g_s.parameters())
+        for p in train_params:
+            p.requires_grad_(True)
+    elif stage == "rd":
         train_params = [p for n, p in model.named_parameters()
                         if not n.startswith(DECODER_PARTS) and not n.endswith("quantiles")]
     elif stage == "encoder":  # the R-D loss through a frozen decoder: every file decodes as before
@@ -468,6 +483,8 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
                          t_min=args.t_min, lattice_weight=args.lattice_weight,
                          **({"lpips_shift": args.lpips_shift} if lpips_fn else {}),
                          **({"mse_weight": args.mse_weight} if cfg.decoder == 2 else {}))
+    if stage == "distill":
+        stage_rec.update(outer=cfg.N_outer, teacher=record["parent"]["reads"][0])
     if resumed_stage:
         stage_rec.update(start_step=resumed_stage["start_step"], started=resumed_stage["started"])
     stage_rec["minutes_before"] = (resumed_stage or {}).get("minutes", 0.0)
@@ -489,7 +506,18 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
         level = rng.uniform(0, cfg.levels - 1)
         lam = model.lmbda(level)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            if stage in ("rd", "encoder"):
+            if stage == "distill":
+                with torch.no_grad():
+                    y_t = teacher.g_a(x).float()
+                    out = teacher(x, level)
+                    y_hat = out["y_hat"].detach()
+                y_s = model.g_a(x).float()
+                x_s = model.g_s(y_hat).float()
+                mse_y = F.mse_loss(y_s, y_t)
+                mse_x = F.mse_loss(x_s, out["x_bar"])
+                loss = mse_y / y_t.pow(2).mean() + mse_x / out["x_bar"].var()
+                stats = {"psnr": mse_x, "y_rel": mse_y / y_t.pow(2).mean()}
+            elif stage in ("rd", "encoder"):
                 out, bpp, mse = rd_terms(model, x, level, ddp_model(x, level))
                 if ms_ssim is not None:
                     dist_term = 1 - ms_ssim(out["x_bar"].float().clamp(0, 1), x, data_range=1.0)
@@ -557,7 +585,7 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
             stats = {k: v.item() for k, v in stats.items()}
             stats["psnr"] = 10 * math.log10(1 / max(stats["psnr"], 1e-12))
             rate = n_rate / (time.time() - t_rate)
-            metrics = validate(model, val, stage, schedule, device, lpips_fn)
+            metrics = validate(model, val, "rd" if stage == "distill" else stage, schedule, device, lpips_fn)
             metrics.update(step=step, minutes=(time.time() - t_start) / 60, images_per_s=round(rate, 1),
                            **{f"train_{k}": v for k, v in stats.items()})
             history.append(metrics)
@@ -578,6 +606,23 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
     if bar:
         bar.close()
     return images
+
+
+def narrowed(model: BDCodecModel, cfg: ModelConfig) -> BDCodecModel:
+    """A model of ``cfg`` holding ``model``'s tensors, each cut to its new shape (the first channels).
+
+    Only g_a's first and g_s's last stage change width with ``N_outer``; the first channels of a
+    sub-pixel convolution's output are those of the first output channels after the shuffle, so
+    every cut keeps channels that belong together.
+    """
+    new = BDCodecModel(cfg, trainable=model.trainable)
+    state = new.state_dict()
+    for name, t in model.state_dict().items():
+        if name in state and t.shape != state[name].shape:
+            t = t[tuple(slice(0, n) for n in state[name].shape)]
+        state[name] = t
+    new.load_state_dict(state)
+    return new
 
 
 def _new_decoder(model: BDCodecModel, decoder: int) -> tuple[BDCodecModel, ModelConfig]:

@@ -85,6 +85,40 @@ def test_encoder_stage_trains_only_the_encoder(data, tmp_path):
     assert json.loads(meta["reads"]) == [read_metadata(init)["weights_id"]]
 
 
+def test_distill_stage_teaches_a_narrower_g_a_and_g_s_and_keeps_the_rest(data, tmp_path):
+    """Stage ``distill``: only g_a and g_s learn, at the new width; the export is a codec of its own."""
+    import torch
+
+    from bdcodec.codec import Codec
+    from bdcodec.model import BDCodecModel, ModelConfig
+    from bdcodec.train import narrowed
+    from bdcodec.weights import save_model
+
+    torch.manual_seed(0)
+    teacher = BDCodecModel()
+    cut = narrowed(teacher, ModelConfig(N_outer=16))
+    assert cut.g_s[-1][0].weight.shape[1] == 16 and cut.g_a[0].conv1.weight.shape[0] == 16
+    assert torch.equal(cut.g_s[-1][0].weight, teacher.g_s[-1][0].weight[:, :16])
+    init = tmp_path / "init.safetensors"
+    save_model(teacher, init, {"stages": []})
+    out = tmp_path / "narrow.safetensors"
+    train_main(_args(data, tmp_path / "dist", "--stage", "distill", "--outer", "16", "--init", str(init),
+                     "--steps", "2", "--lr", "1e-3", "--out", str(out)))
+    model, meta = load_model(out, trainable=True)
+    assert model.cfg.N_outer == 16 and "reads" not in meta
+    assert json.loads(meta["training"])["stages"][-1]["outer"] == 16
+    before = load_model(init, trainable=True)[0].state_dict()
+    changed = {k.split(".")[0] for k, v in model.state_dict().items() if v.shape != before[k].shape
+               or not torch.equal(v, before[k])}
+    assert changed == {"g_a", "g_s"}
+    codec = Codec(out, device="cpu")  # the runtime builds the narrow model from the weights' config
+    px = np.full((40, 56, 3), 120, np.uint8)
+    assert codec.decode(codec.encode(px, quality=30), mode="fidelity")[0].shape == px.shape
+    assert "N_outer" not in json.loads(read_metadata(init)["config"])  # default widths: config as before
+    with pytest.raises(SystemExit, match="--outer"):
+        train_main(_args(data, tmp_path / "bad", "--stage", "distill", "--init", str(init), "--steps", "1"))
+
+
 def test_pack_then_both_stages_in_one_budget_with_sharded_export(data, tmp_path):
     """The GPU path's code on the CPU: pack file, on-device crops, rd then diffusion, sharded export."""
     import tarfile
