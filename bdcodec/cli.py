@@ -553,9 +553,9 @@ _common = [
                  help="Weights file (default: $BDCODEC_WEIGHTS or the shipped weights)."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
     click.option("--threads", type=click.IntRange(1), default=None,
-                 help="CPU threads for the pixel networks (default: every core).  Files at effort 0 and "
-                      "fidelity decodes do not depend on it; a perceptual decode may differ by one grey "
-                      "level in a few pixels between thread counts."),
+                 help="CPU threads for the pixel networks (default: every core).  Files and fidelity "
+                      "decodes do not depend on it; a perceptual decode may differ by one grey level in a "
+                      "few pixels between thread counts."),
     click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
                  help="Refuse images larger than this."),
     click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
@@ -565,8 +565,7 @@ _common = [
     click.option("-j", "--jobs", "workers", type=click.IntRange(0), default=1, show_default=True, metavar="N",
                  help="Code N files at a time, in N worker processes that each load the model and run on "
                       "--threads / N threads (batch mode; 0: one per CPU core).  Files are the same bytes as "
-                      "with -j 1 (at effort 0: the fit of higher efforts depends on the thread count); a "
-                      "perceptual decode is that of --threads for the workers' share."),
+                      "with -j 1; a perceptual decode is that of --threads for the workers' share."),
     click.option("-v", "--verbose", is_flag=True, help="One line per file: bytes, bpp, seconds."),
     click.option("--quiet", is_flag=True, help="No progress bars and no warnings (errors are still printed)."),
 ]
@@ -668,8 +667,8 @@ def main():
 @main.command(epilog=_OUTPUT_RULE)
 @click.argument("paths", nargs=-1, required=True)
 @click.option("-q", "--quality", type=_Number(0, 100), default=75.0, show_default=True,
-              help="Quality 0..100 (half steps); higher is more bits (on photos, perceptual tuning: "
-                   "0 ~ 0.17 bpp, 50 ~ 0.32 bpp, 75 ~ 0.9 bpp, 100 ~ 3 bpp).")
+              help="Quality 0..100 (half steps); higher is more bits (Kodak means, perceptual tuning: "
+                   "0 ~ 0.17 bpp, 50 ~ 0.32 bpp, 75 ~ 0.9 bpp, 100 ~ 3 bpp; smooth photos take fewer).")
 @click.option("--target-bpp", type=_Number(min=0, min_open=True), default=None,
               help="Search the highest quality whose file stays within this many bits per pixel "
                    "(instead of -q); if even quality 0 is larger, writes that file with a warning.")
@@ -772,6 +771,9 @@ def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, 
     ui = _Terminal(quiet)
     from .imageio import LOSSY_FORMATS, output_format
 
+    for _, dst in jobs:
+        if dst != "-" and Path(dst).suffix and Path(dst).suffix.lower() not in _known_suffixes():
+            ui.warn(f"{dst}: unknown suffix {Path(dst).suffix}, writing PNG")
     if out_quality is not None:
         formats = set()
         for _, dst in jobs:
@@ -782,6 +784,13 @@ def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, 
     options = dict(mode=mode, steps=steps, temperature=temperature, seed=seed, out_quality=out_quality,
                    max_pixels=max_pixels, force=force)
     _run(ui, jobs, force, (_decode_steps, options), weights, device, threads, verbose, workers)
+
+
+def _known_suffixes() -> set[str]:
+    from PIL import Image
+
+    Image.init()
+    return set(Image.registered_extensions())
 
 
 def _decode_steps(ui: _Terminal, mode, steps, temperature, seed, out_quality, max_pixels, force):

@@ -467,6 +467,17 @@ def test_out_quality_sets_the_quality_of_lossy_outputs(run, shared_codec, small_
     assert "--out-quality" in run("decode", "--help").output
 
 
+def test_an_unknown_output_suffix_is_written_as_png_with_a_warning(run, shared_codec, small_png, tmp_path):
+    """`bdcodec decode a.bdc out.jgp` wrote PNG data without a word."""
+    bdc = tmp_path / "a.bdc"
+    assert run("encode", small_png, bdc, "-q", "10").exit_code == 0
+    res = run("decode", bdc, tmp_path / "out.jgp", "--mode", "fidelity")
+    assert res.exit_code == 0 and "unknown suffix .jgp, writing PNG" in res.output
+    assert (tmp_path / "out.jgp").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = run("decode", bdc, tmp_path / "out.webp", "--mode", "fidelity")
+    assert res.exit_code == 0 and "warning" not in res.output
+
+
 def test_binary_output_to_a_terminal_is_refused(small_png):
     """`bdcodec encode x.png -` wrote binary data to the terminal."""
     import pty
