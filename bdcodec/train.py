@@ -393,6 +393,8 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
     if stage == "distill":  # a narrower g_a and g_s learn to give what the init's give; the rest is the init's
         if not init or not args.outer:
             raise SystemExit("--stage distill needs --init (the teacher) and --outer")
+        if distributed:
+            raise SystemExit("--stage distill runs in one process (it is cheap; no torchrun)")
         teacher = model.to(device).eval().requires_grad_(False)
         cfg = dataclasses.replace(cfg, N_outer=args.outer)
         model = narrowed(teacher, cfg)
