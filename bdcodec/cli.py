@@ -769,10 +769,10 @@ def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, 
     _QUICK_EXIT.add("decode")
     jobs = _jobs(paths, output_dir, ".png")
     ui = _Terminal(quiet)
-    from .imageio import LOSSY_FORMATS, output_format
+    from .imageio import LOSSY_FORMATS, output_format, suffix_format
 
     for _, dst in jobs:
-        if dst != "-" and Path(dst).suffix and Path(dst).suffix.lower() not in _known_suffixes():
+        if Path(dst).suffix and dst != "-" and suffix_format(dst) is None:
             ui.warn(f"{dst}: unknown suffix {Path(dst).suffix}, writing PNG")
     if out_quality is not None:
         formats = set()
@@ -784,13 +784,6 @@ def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, 
     options = dict(mode=mode, steps=steps, temperature=temperature, seed=seed, out_quality=out_quality,
                    max_pixels=max_pixels, force=force)
     _run(ui, jobs, force, (_decode_steps, options), weights, device, threads, verbose, workers)
-
-
-def _known_suffixes() -> set[str]:
-    from PIL import Image
-
-    Image.init()
-    return set(Image.registered_extensions())
 
 
 def _decode_steps(ui: _Terminal, mode, steps, temperature, seed, out_quality, max_pixels, force):

@@ -15,8 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BdcError
 
-__all__ = ["read_image", "read_mask", "probe_image", "error_reason", "write_image", "output_format", "write_output",
-           "atomic_write"]
+__all__ = ["read_image", "read_mask", "probe_image", "error_reason", "write_image", "output_format", "suffix_format",
+           "write_output", "atomic_write"]
 
 Image.MAX_IMAGE_PIXELS = None  # bdcodec applies its own --max-pixels limit
 MAX_SIDE = 1 << 20  # the .bdc container's limit
@@ -126,11 +126,16 @@ def read_image(data: bytes, name: str = "input", max_pixels: int | None = None) 
     return np.array(im, dtype=np.uint8), gray, notes
 
 
-def output_format(path: str) -> str:
-    """The Pillow format an output path asks for by its suffix (PNG for '-' or an unknown suffix)."""
+def suffix_format(path: str) -> str | None:
+    """The Pillow format named by ``path``'s suffix; None for '-', no suffix or one Pillow does not know."""
     Image.init()
     ext = Path(path).suffix.lower()
-    fmt = Image.registered_extensions().get(ext, "PNG") if ext and path != "-" else "PNG"
+    return Image.registered_extensions().get(ext) if ext and path != "-" else None
+
+
+def output_format(path: str) -> str:
+    """The Pillow format an output path asks for by its suffix (PNG for '-' or an unknown suffix)."""
+    fmt = suffix_format(path) or "PNG"
     if fmt not in Image.SAVE:
         raise BdcError(f"{path}: Pillow cannot write {fmt} images (use .png, .jpg, .webp, ...)")
     return fmt
