@@ -222,7 +222,8 @@ class BDCodecModel(nn.Module):
     # -- training -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, level: float) -> dict:
         gain, inv_gain = self.gains(level)
-        y = self.g_a(x).float() * gain
+        y_a = self.g_a(x).float()
+        y = y_a * gain
         z = self.h_a(y)
         with torch.autocast(x.device.type, enabled=False):  # likelihoods stay in fp32 under autocast
             z_hat, z_lik = self.entropy_bottleneck(z.float())
@@ -232,7 +233,7 @@ class BDCodecModel(nn.Module):
             _, y_lik = self.gaussian(y, sigma.float(), means=mu.float())
         y_dec = y_hat.float() * inv_gain
         x_bar = self.g_s(y_dec).float()
-        return {"x_bar": x_bar, "y_hat": y_dec, "likelihoods": {"y": y_lik, "z": z_lik}}
+        return {"x_bar": x_bar, "y": y_a, "y_hat": y_dec, "likelihoods": {"y": y_lik, "z": z_lik}}
 
     def aux_loss(self) -> torch.Tensor:
         return self.entropy_bottleneck.loss()

@@ -510,11 +510,10 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             if stage == "distill":
                 with torch.no_grad():
-                    y_t = teacher.g_a(x).float()
                     out = teacher(x, level)
-                    y_hat = out["y_hat"].detach()
+                y_t = out["y"]
                 y_s = model.g_a(x).float()
-                x_s = model.g_s(y_hat).float()
+                x_s = model.g_s(out["y_hat"]).float()
                 mse_y = F.mse_loss(y_s, y_t)
                 mse_x = F.mse_loss(x_s, out["x_bar"])
                 loss = mse_y / y_t.pow(2).mean() + mse_x / out["x_bar"].var()
