@@ -12,11 +12,10 @@ model's networks, the scale indexes) runs on the CPU in fp32 on one thread, with
 the decoder's arithmetic on both sides, so a file decodes to the same latent on
 any machine.  The pixel-domain networks (g_a, g_s, the texture branch, the
 denoiser) run on ``threads`` threads (default: every core this process may use).
-oneDNN's sums change in the last bit with the thread count, so across thread
-counts a perceptual decode may differ by one grey level in a few pixels (on the
-examples: at most 1, in 4 to 38 pixels of 393 216), and an encoder's g_a output
-could flip a rounded symbol; with the same thread count, bytes and pixels are
-identical run to run, and ``threads=1`` gives the same everywhere.  On a CPU with
+Their convolutions gave the same sums on 1 and 2 threads wherever we checked, and
+the denoiser's GroupNorm sums its statistics in fp64 (see ``diffusion._GroupNorm``),
+so files and decodes of both modes come out the same with 1 and 2 threads (tested);
+with the same thread count, bytes and pixels are identical run to run.  On a CPU with
 native bf16, g_a runs under bf16 autocast, so an encoder with and one without it
 may round a few symbols differently; the files decode to the same latent anywhere.
 g_s runs in bf16 there too, up to its last convolution: x_bar moves by about 0.16 of
@@ -613,15 +612,20 @@ class Codec:
             gen = torch.Generator().manual_seed(int(seed))
             y_hat = self.model.dequantize(y_hat_g, level).to(self.device, memory_format=self._layout)
 
+            bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.synthesis_bf16)
+
             def denoiser(*args, **kwargs):  # one progress unit per diffusion step
-                out = self.model.denoiser(*args, **kwargs)
+                with bf16:
+                    out = self.model.denoiser(*args, **kwargs)
                 progress()
-                return out
+                return out.float()
 
             with _threads(self.threads):
-                cond = {"texture": self.model.texture(y_hat), "x_bar": x_bar * 2 - 1}
+                with bf16:
+                    texture = self.model.texture(y_hat)
+                cond = {"texture": texture, "x_bar": x_bar * 2 - 1}
                 x0 = self.schedule.sample(denoiser, cond, cond["x_bar"], steps, temperature, gen)
-            del cond, y_hat  # large images: free the features before the refinement's arrays exist
+            del cond, texture, y_hat  # large images: free the features before the refinement's arrays exist
             pixels = self._to_uint8((x0 + 1) / 2, header.height, header.width)
             del x0
         else:

@@ -419,11 +419,15 @@ def project(ref: Refinement, proposal: np.ndarray, gate: int = TEXTURE_GATE) -> 
     consistent with what was coded and keeps the proposal's detail where the file leaves
     room for it.
     """
-    a = _forward(np.asarray(proposal, dtype=np.float64)) / ref.steps[:, None, None]
-    mag = np.abs(ref.q)
-    lo = np.where(mag == 0, -(1 - ROUNDING), np.where(ref.q > 0, mag - ROUNDING, -(mag + 1 - ROUNDING)))
-    hi = np.where(mag == 0, 1 - ROUNDING, np.where(ref.q > 0, mag + 1 - ROUNDING, -(mag - ROUNDING)))
-    a = np.clip(a, lo + _EDGE, hi - _EDGE)  # strictly inside, so it re-quantizes to q
-    described = (ref.q[0] != 0).sum(-1, keepdims=True) >= gate  # (blocks, 1), from luma
-    a = np.where(described[None], ref.q, a)
-    return _inverse(a * ref.steps[:, None, None], ref.height, ref.width)
+    a = _forward(np.asarray(proposal, dtype=np.float64))
+    a /= ref.steps[:, None, None]
+    q = ref.q
+    # the cell of level q: (q - R, q + 1 - R) above zero, (q - 1 + R, q + R) below, (R - 1, 1 - R) at zero
+    lo = np.where(q > 0, q - ROUNDING, q - 1 + ROUNDING)
+    hi = np.where(q < 0, q + ROUNDING, q + 1 - ROUNDING)
+    np.clip(a, lo + _EDGE, hi - _EDGE, out=a)  # strictly inside, so it re-quantizes to q
+    del lo, hi
+    described = (q[0] != 0).sum(-1) >= gate  # blocks the file describes, from luma
+    a[:, described] = q[:, described]
+    a *= ref.steps[:, None, None]
+    return _inverse(a, ref.height, ref.width)
