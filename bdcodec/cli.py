@@ -553,13 +553,12 @@ _common = [
                  help="Weights file (default: $BDCODEC_WEIGHTS or the shipped weights)."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
     click.option("--threads", type=click.IntRange(1), default=None,
-                 help="CPU threads for the pixel networks (default: every core).  Files and fidelity "
-                      "decodes do not depend on it; a perceptual decode may differ by one grey level in a "
-                      "few pixels between thread counts."),
+                 help="CPU threads for the pixel networks (default: every core).  Files and decodes do "
+                      "not depend on it."),
     click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
                  help="Refuse images larger than this."),
     click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
-                 help="Write one output per input into this folder (batch mode)."),
+                 help="Write one output per input into this folder (batch mode); it is created if missing."),
     click.option("-f", "--force", is_flag=True,
                  help="Replace existing output files, and write binary data to a terminal."),
     click.option("-j", "--jobs", "workers", type=click.IntRange(0), default=1, show_default=True, metavar="N",
