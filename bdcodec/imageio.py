@@ -48,7 +48,8 @@ def probe_image(data: bytes | str | os.PathLike, name: str = "input", max_pixels
                 size = im.size
                 turned = oriented and im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
     except Exception as exc:
-        raise BdcError(f"{name}: cannot read image ({error_reason(exc)})") from None
+        empty = not data if isinstance(data, bytes) else os.path.isfile(data) and os.path.getsize(data) == 0
+        raise BdcError(f"{name}: cannot read image ({'empty file' if empty else error_reason(exc)})") from None
     _check_size(*size, name, max_pixels)
     return size[::-1] if turned else size
 
@@ -106,7 +107,7 @@ def read_image(data: bytes, name: str = "input", max_pixels: int | None = None) 
     except BdcError:
         raise
     except Exception as exc:
-        raise BdcError(f"{name}: cannot read image ({error_reason(exc)})") from None
+        raise BdcError(f"{name}: cannot read image ({'empty file' if not data else error_reason(exc)})") from None
     mode = im.mode
     if mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")

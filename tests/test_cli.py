@@ -143,6 +143,7 @@ def test_batch_reports_each_failure_and_continues(run, small_png, tmp_path):
     err = res.stderr
     for name in ("corrupt.png", "notes.txt", "empty.png"):
         assert name in err
+    assert "empty.png: cannot read image (empty file)" in err
     assert "3 of 5 files failed" in err
     res = run("decode", out / "small.bdc", out / "good2.bdc", "-o", out, "--mode", "fidelity")
     assert res.exit_code == 0
