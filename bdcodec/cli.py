@@ -563,8 +563,8 @@ _common = [
                  help="Replace existing output files, and write binary data to a terminal."),
     click.option("-j", "--jobs", "workers", type=click.IntRange(0), default=1, show_default=True, metavar="N",
                  help="Code N files at a time, in N worker processes that each load the model and run on "
-                      "--threads / N threads (batch mode; 0: one per CPU core).  Files are the same bytes as "
-                      "with -j 1; a perceptual decode is that of --threads for the workers' share."),
+                      "--threads / N threads (batch mode; 0: one per CPU core).  Files are the same bytes, "
+                      "and decodes the same pixels, as with -j 1."),
     click.option("-v", "--verbose", is_flag=True, help="One line per file: bytes, bpp, seconds."),
     click.option("--quiet", is_flag=True, help="No progress bars and no warnings (errors are still printed)."),
 ]

@@ -332,9 +332,13 @@ class Codec:
     def _g_s(self, y_hat: torch.Tensor) -> torch.Tensor:
         """g_s, in bf16 up to its last convolution where ``synthesis_bf16``; that one stays fp32 (3% of the
         work), as bf16 pixels in 0..1 would be rounded to 1/256 (a grey level) on top of the network's error."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.synthesis_bf16):
+        with self._synthesis_precision():
             h = self.model.g_s[:-1](y_hat)
         return self.model.g_s[-1](h.float())
+
+    def _synthesis_precision(self):
+        """The autocast of the decoder's pixel networks (g_s, texture branch, denoiser)."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.synthesis_bf16)
 
     @staticmethod
     def _to_uint8(x: torch.Tensor, height: int, width: int) -> np.ndarray:
@@ -613,16 +617,14 @@ class Codec:
             gen = torch.Generator().manual_seed(int(seed))
             y_hat = self.model.dequantize(y_hat_g, level).to(self.device, memory_format=self._layout)
 
-            bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.synthesis_bf16)
-
             def denoiser(*args, **kwargs):  # one progress unit per diffusion step
-                with bf16:
+                with self._synthesis_precision():
                     out = self.model.denoiser(*args, **kwargs)
                 progress()
                 return out.float()
 
             with _threads(self.threads):
-                with bf16:
+                with self._synthesis_precision():
                     texture = self.model.texture(y_hat)
                 cond = {"texture": texture, "x_bar": x_bar * 2 - 1}
                 x0 = self.schedule.sample(denoiser, cond, cond["x_bar"], steps, temperature, gen)
