@@ -133,3 +133,25 @@ def test_a_retrained_encoder_reads_the_files_of_its_parent(tmp_path):
     data = parent.encode(px, quality=0, mode="fidelity")
     assert np.array_equal(child.decode(data)[0], parent.decode(data)[0])
     assert container.unpack(child.encode(px, quality=0, mode="fidelity"))[0].weights_id == cid
+
+
+def test_a_halved_copy_keeps_gdn_in_fp32_and_reads_nothing_of_its_source(tmp_path):
+    import runpy
+
+    from .conftest import ROOT
+
+    half = runpy.run_path(str(ROOT / "scripts" / "half-weights.py"))
+    torch.manual_seed(0)
+    src, dst = tmp_path / "w.safetensors", tmp_path / "h.safetensors"
+    save_model(BDCodecModel(), src, {"stages": []}, parent=None)
+    meta = read_metadata(src)
+    save_file(load_file(str(src)), str(src), metadata={**meta, "reads": json.dumps(["0badc0de"])})
+    half["main"](str(src), str(dst))
+    state, hmeta = load_file(str(dst)), read_metadata(dst)
+    assert state["g_a.6.weight"].dtype == torch.float16
+    assert all(v.dtype != torch.float16 for k, v in state.items() if "gdn" in k or k.startswith("entropy_bottleneck."))
+    assert state["g_a.0.gdn.beta_reparam.pedestal"].item() > 0  # 0 in fp16: training turns NaN
+    assert hmeta["weights_id"] != meta["weights_id"] and "reads" not in hmeta
+    model, _ = load_model(dst, trainable=True)
+    model.entropy_bottleneck.update(force=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
