@@ -289,7 +289,7 @@ class Denoiser(nn.Module):
     ``x0 = x_bar + U-Net(...)``, with the last layer initialised to zero.
     """
 
-    def __init__(self, ch: int = 64, blocks: int = 2, cond_ch: int = 64):
+    def __init__(self, ch: int = 64, blocks: int = 2, cond_ch: int = 64, resize: bool = False):
         super().__init__()
         temb = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb), nn.SiLU(), nn.Linear(temb, temb))
@@ -298,7 +298,9 @@ class Denoiser(nn.Module):
         self.down1 = nn.ModuleList(_ResBlock(ch, ch, temb) for _ in range(blocks))
         self.down = nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1)
         self.mid = nn.ModuleList(_ResBlock(2 * ch, 2 * ch, temb) for _ in range(blocks))
-        self.up = nn.Conv2d(2 * ch, 4 * ch, 3, padding=1)  # followed by PixelShuffle(2) -> ch
+        # followed by PixelShuffle(2) -> ch, or (resize) by nearest-neighbour upsampling, which has no phases
+        self.resize = resize
+        self.up = nn.Conv2d(2 * ch, ch if resize else 4 * ch, 3, padding=1)
         self.up1 = nn.ModuleList(_ResBlock(2 * ch if i == 0 else ch, ch, temb) for i in range(blocks))
         self.out_norm = _GroupNorm(8, ch)
         self.out = nn.Conv2d(ch, 48, 3, padding=1)
@@ -314,7 +316,7 @@ class Denoiser(nn.Module):
         h = self.down(h)
         for blk in self.mid:
             h = blk(h, emb)
-        h = F.pixel_shuffle(self.up(h), 2)
+        h = F.interpolate(self.up(h), scale_factor=2) if self.resize else F.pixel_shuffle(self.up(h), 2)
         h = torch.cat([h, skip], 1)
         for blk in self.up1:
             h = blk(h, emb)

@@ -128,14 +128,24 @@ class ResidualBlockWithStride(nn.Module):
         return out + (x if self.skip is None else self.skip(x))
 
 
+def resize_conv3x3(in_ch: int, out_ch: int, r: int = 1) -> nn.Sequential:
+    """A 3x3 convolution, then nearest-neighbour upsampling by ``r``: a sub-pixel convolution whose r² phase
+    kernels are one, so no output pixel phase has weights of its own (those can print a lattice)."""
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1), nn.Upsample(scale_factor=r))
+
+
 class ResidualBlockUpsample(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, upsample: int = 2):
+    """CompressAI's upsampling residual block; with ``resize``, its two sub-pixel convolutions are
+    :func:`resize_conv3x3` instead."""
+
+    def __init__(self, in_ch: int, out_ch: int, upsample: int = 2, resize: bool = False):
         super().__init__()
-        self.subpel_conv = subpel_conv3x3(in_ch, out_ch, upsample)
+        up = resize_conv3x3 if resize else subpel_conv3x3
+        self.subpel_conv = up(in_ch, out_ch, upsample)
         self.leaky_relu = nn.LeakyReLU(inplace=True)
         self.conv = conv3x3(out_ch, out_ch)
         self.igdn = GDN(out_ch, inverse=True)
-        self.upsample = subpel_conv3x3(in_ch, out_ch, upsample)
+        self.upsample = up(in_ch, out_ch, upsample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.igdn(self.conv(self.leaky_relu(self.subpel_conv(x))))

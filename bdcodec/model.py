@@ -52,6 +52,7 @@ class ModelConfig:
     decoder: int = 2  # diffusion decoder design: 1 = Denoiser (unshuffled, x0 from z_t), 2 = Denoiser2
     den_ch: int = 64  # diffusion denoiser width
     den_blocks: int = 2  # residual blocks per level
+    den_resize: bool = False  # decoder 1: upsample by convolution + nearest neighbour, not sub-pixel convolutions
     sigma_blur_max: float = 3.0  # blur std (pixels) at t = 1
     min_damping: float = 0.001
     logsnr_min: float = 1.0  # decoder 2: log-linear logSNR from logsnr_max (t = 0) to logsnr_min (t = 1)
@@ -65,6 +66,8 @@ class ModelConfig:
         data = dataclasses.asdict(self)
         if not data["N_outer"]:  # as before the field existed, so that earlier versions read these weights
             del data["N_outer"]
+        if not data["den_resize"]:
+            del data["den_resize"]
         return json.dumps(data, sort_keys=True)
 
     @classmethod
@@ -184,10 +187,10 @@ class BDCodecModel(nn.Module):
         if cfg.decoder == 1:
             self.texture = nn.Sequential(
                 ResidualBlock(M, cfg.den_ch),
-                ResidualBlockUpsample(cfg.den_ch, cfg.den_ch, 2),
-                ResidualBlockUpsample(cfg.den_ch, cfg.den_ch, 2),
+                ResidualBlockUpsample(cfg.den_ch, cfg.den_ch, 2, resize=cfg.den_resize),
+                ResidualBlockUpsample(cfg.den_ch, cfg.den_ch, 2, resize=cfg.den_resize),
             )
-            self.denoiser = Denoiser(cfg.den_ch, cfg.den_blocks, cond_ch=cfg.den_ch)
+            self.denoiser = Denoiser(cfg.den_ch, cfg.den_blocks, cond_ch=cfg.den_ch, resize=cfg.den_resize)
         elif cfg.decoder == 2:
             self.texture = Texture2(M, cfg.den_ch)
             self.denoiser = Denoiser2(cfg.den_ch, cfg.den_blocks, cond_ch=cfg.den_ch)

@@ -290,6 +290,9 @@ def main(argv=None):
                     help="--stage distill: channels of the narrower g_a first and g_s last stage, taught by the init's")
     ap.add_argument("--decoder", type=int, choices=[1, 2], default=None,
                     help="stage diffusion: start a fresh diffusion decoder of this design on the init's codec")
+    ap.add_argument("--den-resize", action="store_true",
+                    help="stage diffusion, decoder 1: turn the sub-pixel convolutions of the texture branch and the "
+                         "denoiser into convolution + nearest upsampling (each kernel the mean of its phases)")
     ap.add_argument("--export", default=None, help="write the best checkpoint to this safetensors file and exit")
     ap.add_argument("--out", default=None, help="after training, write the best checkpoint to this safetensors file")
     ap.add_argument("--shard-mb", type=float, default=None,
@@ -379,6 +382,11 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
             model, cfg = _new_decoder(model, args.decoder)
             record["stages"].append({"stage": "new diffusion decoder", "decoder": args.decoder,
                                      "note": "texture branch and denoiser start from random initialisation"})
+        if getattr(args, "den_resize", False) and cfg.decoder == 1 and not cfg.den_resize:
+            model, cfg = _resized_decoder(model)
+            record["stages"].append({"stage": "resized diffusion decoder",
+                                     "note": "sub-pixel convolutions of the texture branch and the denoiser turned "
+                                             "into convolution + nearest upsampling, kernels the means of their phases"})
     else:
         cfg = ModelConfig()
         if args.no_global_context or args.even_chunks:
@@ -636,6 +644,25 @@ def _new_decoder(model: BDCodecModel, decoder: int) -> tuple[BDCodecModel, Model
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(DECODER_PARTS)}
     missing, unexpected = new.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith(DECODER_PARTS) for k in missing), (missing, unexpected)
+    return new, cfg
+
+
+# decoder 1's sub-pixel convolutions: the texture branch's two upsampling blocks and the denoiser's up path
+SUBPEL = ("texture.1.subpel_conv.0", "texture.1.upsample.0", "texture.2.subpel_conv.0", "texture.2.upsample.0",
+          "denoiser.up")
+
+
+def _resized_decoder(model: BDCodecModel) -> tuple[BDCodecModel, ModelConfig]:
+    """The same model with decoder 1's sub-pixel convolutions (conv to 4C channels, then PixelShuffle(2)) made
+    convolutions to C channels followed by nearest upsampling, each kernel the mean of its four phase kernels."""
+    cfg = dataclasses.replace(model.cfg, den_resize=True)
+    new = BDCodecModel(cfg, trainable=True)
+    state = model.state_dict()
+    for name in SUBPEL:
+        for k in ("weight", "bias"):
+            t = state[f"{name}.{k}"]
+            state[f"{name}.{k}"] = t.reshape(t.shape[0] // 4, 4, *t.shape[1:]).mean(1)  # channel c*4 + phase
+    new.load_state_dict(state)
     return new, cfg
 
 

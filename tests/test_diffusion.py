@@ -118,3 +118,44 @@ def test_decoder2_full_resolution_strips_equal_the_whole_image():
         net.STRIP = 10**6
         whole = net(r, torch.tensor([0.4]), texture, x_bar)
     assert torch.allclose(strips, whole, atol=1e-6) and strips.abs().mean() > 0.01
+
+
+def _design1(**kw):
+    from bdcodec.model import BDCodecModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(decoder=1, sigma_blur_max=16.0, logsnr_min=-10.0, logsnr_max=10.0, **kw)
+    return BDCodecModel(cfg, trainable=True).eval()
+
+
+def test_resized_decoder_is_the_phase_mean_of_the_shuffled_one():
+    from bdcodec.train import SUBPEL, _resized_decoder
+
+    m = _design1()
+    with torch.no_grad():  # make each sub-pixel convolution's four phase kernels one: then both compute the same
+        for name in SUBPEL:
+            conv = m.get_submodule(name)
+            for p in (conv.weight, conv.bias):
+                q = p.reshape(p.shape[0] // 4, 4, *p.shape[1:])[:, :1]
+                p.copy_(q.expand(-1, 4, *q.shape[2:]).reshape(p.shape))
+        torch.nn.init.normal_(m.denoiser.out.weight, std=0.05)  # zero at initialisation: the U-Net would not show
+    r, cfg = _resized_decoder(m)
+    assert cfg.den_resize and '"den_resize": true' in cfg.to_json()
+    assert "den_resize" not in m.cfg.to_json()  # weights without it are read by earlier versions
+    y = torch.randn(1, 128, 6, 5)
+    z, x_bar, t = torch.randn(1, 3, 96, 80), torch.rand(1, 3, 96, 80), torch.tensor([0.4])
+    with torch.no_grad():
+        assert torch.allclose(m.texture(y), r.texture(y), atol=1e-5)
+        f = r.texture(y)
+        out = r.denoiser(z, t, f, x_bar)
+        assert torch.allclose(m.denoiser(z, t, f, x_bar), out, atol=1e-5) and (out - x_bar).abs().max() > 1e-2
+
+
+def test_resized_texture_branch_draws_no_phase_pattern_on_a_flat_latent():
+    y = torch.full((1, 128, 16, 16), 0.7)
+    spread = {}
+    for resize in (False, True):
+        with torch.no_grad():
+            f = _design1(den_resize=resize).texture(y)[..., 24:-24, 24:-24]  # away from the padding
+        spread[resize] = (f - f.mean((2, 3), keepdim=True)).abs().max().item()
+    assert spread[True] < 1e-5 < spread[False], spread
