@@ -382,7 +382,10 @@ def train_stage(args, stage: str, run_dir: Path, init: str | None, minutes: floa
             model, cfg = _new_decoder(model, args.decoder)
             record["stages"].append({"stage": "new diffusion decoder", "decoder": args.decoder,
                                      "note": "texture branch and denoiser start from random initialisation"})
-        if getattr(args, "den_resize", False) and cfg.decoder == 1 and not cfg.den_resize:
+        if getattr(args, "den_resize", False) and (stage != "diffusion" or cfg.decoder != 1):
+            raise SystemExit(f"--den-resize: for --stage diffusion on a decoder of design 1 (this one is design "
+                             f"{cfg.decoder})" if stage == "diffusion" else "--den-resize: for --stage diffusion")
+        if getattr(args, "den_resize", False) and not cfg.den_resize:
             model, cfg = _resized_decoder(model)
             record["stages"].append({"stage": "resized diffusion decoder",
                                      "note": "sub-pixel convolutions of the texture branch and the denoiser turned "

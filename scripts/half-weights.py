@@ -11,12 +11,14 @@ earlier weights' files: weights trained from it never claim to decode files made
 diffusion-only stage from it when the result should keep reading IN's files.
 """
 
+import os
 import sys
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bdcodec.weights import tensors_id
+from bdcodec.errors import BdcError
+from bdcodec.weights import read_metadata, tensors_id
 
 
 def halved(name, t):
@@ -25,6 +27,12 @@ def halved(name, t):
 
 
 def main(src, dst):
+    if os.path.realpath(src) == os.path.realpath(dst):
+        sys.exit("half-weights: OUT must not be IN")
+    try:
+        read_metadata(src)
+    except BdcError as exc:
+        sys.exit(f"half-weights: {exc}")
     with safe_open(src, framework="pt") as f:
         meta = dict(f.metadata() or {})
         state = {k: f.get_tensor(k) for k in f.keys()}
