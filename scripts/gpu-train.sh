@@ -19,8 +19,8 @@
 #   .gpu/alexnet-features-fp16.pth   the LPIPS AlexNet features (optional: without, no LPIPS term)
 # The working tree travels with what is carried (64 MiB in all; weights/ takes 31 MB, the pack 27 MB). To
 # carry a second init for a variant ("narrow:--init .gpu/narrow.safetensors --stage rd"), halve it and the
-# shipped weights with scripts/half-weights.py (R-D and distill stages only; put the shipped file back
-# after), and leave the AlexNet file out.
+# shipped weights with scripts/half-weights.py (R-D and distill stages only; the halved copy takes the shipped
+# file's place in weights/ for the call, and `git checkout weights/` puts it back), and leave the AlexNet file out.
 # The script ends before its budget and leaves usable weights even if training is cut short:
 # OUTDIR/bdcodec-gpu.safetensors (sharded into files of at most 16 MiB when larger), gpu-train.log,
 # cuda-report.json, curves-rd.png, curves-diffusion.png.

@@ -1,6 +1,6 @@
 """Write a half-size copy of a weights file, to carry as the --init of an R-D or distill stage.
 
-    python scripts/half-weights.py IN.safetensors OUT.safetensors
+    python scripts/half-weights.py [-f] IN.safetensors OUT.safetensors
 
 Convolution and linear weights of more than 1000 values are stored in fp16; training loads them into its
 fp32 parameters.  Everything else stays fp32: the GDN parameters (their pedestal, 2^-36, is 0 in fp16, and
@@ -8,9 +8,11 @@ training then turns NaN within a few steps), the z entropy bottleneck, bounds an
 
 The copy is a different codec (its weights are rounded), so it gets its own weights id and reads no
 earlier weights' files: weights trained from it never claim to decode files made with IN.  Do not start a
-diffusion-only stage from it when the result should keep reading IN's files.
+diffusion-only stage from it when the result should keep reading IN's files.  OUT is not replaced unless
+-f is given.
 """
 
+import argparse
 import os
 import sys
 
@@ -26,9 +28,13 @@ def halved(name, t):
             and "gdn" not in name and not name.startswith("entropy_bottleneck."))
 
 
-def main(src, dst):
+def main(src, dst, force=False):
     if os.path.realpath(src) == os.path.realpath(dst):
         sys.exit("half-weights: OUT must not be IN")
+    if os.path.exists(dst) and not force:
+        sys.exit(f"half-weights: {dst} already exists, left as it is (use -f to replace it)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
+        sys.exit(f"half-weights: output folder {os.path.dirname(dst)} does not exist")
     try:
         read_metadata(src)
     except BdcError as exc:
@@ -39,11 +45,27 @@ def main(src, dst):
     state = {k: (t.half() if halved(k, t) else t).contiguous() for k, t in state.items()}
     meta.pop("reads", None)
     meta["weights_id"] = tensors_id({k: t.float() if t.is_floating_point() else t for k, t in state.items()})
-    save_file(state, dst, metadata=meta)
+    tmp = f"{dst}.tmp"
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"{dst}: weights id {meta['weights_id']}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python scripts/half-weights.py IN.safetensors OUT.safetensors")
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser(prog="python scripts/half-weights.py", description=__doc__.splitlines()[0])
+    ap.add_argument("-f", "--force", action="store_true", help="replace OUT if it exists")
+    ap.add_argument("src", metavar="IN.safetensors")
+    ap.add_argument("dst", metavar="OUT.safetensors")
+    args = ap.parse_args()
+    main(args.src, args.dst, args.force)
