@@ -25,7 +25,8 @@
 # OUTDIR/bdcodec-gpu.safetensors (sharded into files of at most 16 MiB when larger), gpu-train.log,
 # cuda-report.json, curves-rd.png, curves-diffusion.png.
 set -uo pipefail
-out=${1:?usage: scripts/gpu-train.sh OUTDIR [MINUTES]}
+[ $# -ge 1 ] || { echo "usage: scripts/gpu-train.sh OUTDIR [MINUTES]" >&2; exit 2; }
+out=$1
 budget=${2:-9.3}
 start=$(date +%s.%N)
 mkdir -p "$out"
