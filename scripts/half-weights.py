@@ -17,9 +17,10 @@ import os
 import sys
 
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from bdcodec.errors import BdcError
+from bdcodec.imageio import write_output
 from bdcodec.weights import read_metadata, tensors_id
 
 
@@ -31,35 +32,18 @@ def halved(name, t):
 def main(src, dst, force=False):
     if os.path.realpath(src) == os.path.realpath(dst):
         sys.exit("half-weights: OUT must not be IN")
-    if os.path.exists(dst) and not force:
-        sys.exit(f"half-weights: {dst} already exists, left as it is (use -f to replace it)")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
-        sys.exit(f"half-weights: output folder {os.path.dirname(dst)} does not exist")
     try:
         read_metadata(src)
+        with safe_open(src, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: (t.half() if halved(k, t) else t).contiguous() for k, t in state.items()}
+        meta.pop("reads", None)
+        meta["weights_id"] = tensors_id({k: t.float() if t.is_floating_point() else t for k, t in state.items()})
+        write_output(dst, save(state, metadata=meta), replace=force)
     except BdcError as exc:
         sys.exit(f"half-weights: {exc}")
-    with safe_open(src, framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    state = {k: (t.half() if halved(k, t) else t).contiguous() for k, t in state.items()}
-    meta.pop("reads", None)
-    meta["weights_id"] = tensors_id({k: t.float() if t.is_floating_point() else t for k, t in state.items()})
-    tmp = f"{dst}.tmp"
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     print(f"{dst}: weights id {meta['weights_id']}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 if __name__ == "__main__":
