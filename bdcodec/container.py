@@ -6,7 +6,7 @@ All integers little-endian; ``varint`` is unsigned LEB128 (at most 5 bytes here)
 bytes   field        meaning
 ======  ===========  ==========================================================
 3       magic        ``b"BDC"``
-1       version      container format version (4; versions 1 to 3 are read too)
+1       version      container format version (5; versions 1 to 4 are read too)
 1       flags        bit 0: grayscale source; bit 1: default decode mode is
                      fidelity (else perceptual); bit 2: a refinement layer
                      follows the y stream; other bits must be 0
@@ -19,16 +19,24 @@ varint  width - 1    image width in pixels  (1 .. 2^20)
 varint  height - 1   image height in pixels (1 .. 2^20)
 1       steps        default diffusion steps (1..64)
 varint  seed         default sampling seed (< 2^32)
+varint  bands        latent bands n, 1..MAX_BANDS (from version 5; before: one)
+n-1 x   band sizes   varint escape bytes, varint y bytes of each band but the
+                     last, which takes the rest of both streams
 varint  len, bytes   z stream (hyper-latent; constriction rANS words, uint32
                      little-endian; CompressAI's rANS format before version 4)
-varint  len, bytes   escape stream (varints of out-of-alphabet residual magnitudes)
-varint  len, bytes   y stream (constriction rANS words, uint32 little-endian)
+varint  len, bytes   escape stream (varints of out-of-alphabet residual magnitudes),
+                     the bands' one after the other
+varint  len, bytes   y stream (constriction rANS words, uint32 little-endian), one
+                     stack coder's words per band, one band after the other
 varint  len, bytes   refinement layer (only with flag bit 2; see ``refine.py``)
-4       symbol crc   CRC-32 of the decoded y symbols: catches a decoder desync
+4       symbol crc   CRC-32 of the decoded y symbols: catches a decoder desync (with
+                     several bands: CRC-32 of the bands' CRCs, each u32)
 4       crc          CRC-32 of every byte before it
 ======  ===========  ==========================================================
 
-About 26 bytes in all for a Kodak-sized image.  Versions 1 and 2 had no rate-level
+About 27 bytes in all for a Kodak-sized image.  The latent is coded in horizontal
+bands of whole windows of its entropy model (see ``Codec`` for the rows of each), so
+that a decoder may decode them in parallel; a Kodak-sized image has one.  Versions 1 and 2 had no rate-level
 byte: the decoder derives the level from the quality with the plan of that version
 (see ``Codec.level_of``); version 1 had no refinement layer either.  The parser checks every field and
 length before anything is allocated; this module does not import torch.
@@ -45,8 +53,9 @@ from .errors import BdcError
 __all__ = ["MAGIC", "VERSION", "MAX_SIDE", "Header", "pack", "unpack", "describe"]
 
 MAGIC = b"BDC"
-VERSION = 4
-READ_VERSIONS = (1, 2, 3, 4)
+VERSION = 5
+READ_VERSIONS = (1, 2, 3, 4, 5)
+MAX_BANDS = 255
 LEVEL_SCALE = 50  # the rate level is stored in steps of 1/LEVEL_SCALE
 MAX_SIDE = 1 << 20
 _FLAG_GRAY = 1
@@ -75,6 +84,18 @@ class Streams:
     y: bytes
     symbol_crc: int
     refine: bytes = b""
+    # (escape bytes, y bytes) of each latent band, in order; () for one band over both streams
+    bands: tuple[tuple[int, int], ...] = ()
+
+    def band_streams(self) -> list[tuple[bytes, bytes]]:
+        """(escape stream, y stream) of each band."""
+        if not self.bands:
+            return [(self.escapes, self.y)]
+        out, e0, y0 = [], 0, 0
+        for ne, ny in self.bands:
+            out.append((self.escapes[e0 : e0 + ne], self.y[y0 : y0 + ny]))
+            e0, y0 = e0 + ne, y0 + ny
+        return out
 
 
 def _varint(n: int) -> bytes:
@@ -130,6 +151,14 @@ def pack(header: Header, streams: Streams) -> bytes:
         raise ValueError("files from version 3 on carry a rate level; earlier versions do not")
     if header.version < 2 and streams.refine:
         raise ValueError("version 1 files have no refinement layer")
+    bands = streams.bands or ((len(streams.escapes), len(streams.y)),)
+    if header.version < 5 and len(bands) > 1:
+        raise ValueError("files before version 5 have one latent band")
+    if not 1 <= len(bands) <= MAX_BANDS:
+        raise ValueError(f"1..{MAX_BANDS} latent bands, got {len(bands)}")
+    if (sum(b[0] for b in bands), sum(b[1] for b in bands)) != (len(streams.escapes), len(streams.y)) or any(
+            b[1] % 4 for b in bands):
+        raise ValueError("band sizes do not add up to the streams, or a band's y stream is not whole words")
     flags = (_FLAG_GRAY if header.gray else 0) | (_FLAG_FIDELITY if header.mode == "fidelity" else 0)
     flags |= _FLAG_REFINE if streams.refine else 0
     out = bytearray(MAGIC)
@@ -142,6 +171,10 @@ def pack(header: Header, streams: Streams) -> bytes:
     out += bytes.fromhex(header.weights_id)
     out += _varint(header.width - 1) + _varint(header.height - 1)
     out += bytes([header.steps]) + _varint(header.seed)
+    if header.version >= 5:
+        out += _varint(len(bands))
+        for ne, ny in bands[:-1]:
+            out += _varint(ne) + _varint(ny)
     for s in (streams.z, streams.escapes, streams.y) + ((streams.refine,) if streams.refine else ()):
         out += _varint(len(s)) + s
     out += struct.pack("<I", streams.symbol_crc & 0xFFFFFFFF)
@@ -184,6 +217,12 @@ def unpack(data: bytes, max_pixels: int | None = None) -> tuple[Header, Streams]
         raise BdcError(f"corrupt file: steps {steps} out of range")
     seed = r.varint("seed", 2**32 - 1)
     body_end = len(data) - 8
+    sizes = []
+    if version >= 5:
+        n = r.varint("band count", MAX_BANDS)
+        if not n:
+            raise BdcError("corrupt file: no latent bands")
+        sizes = [(r.varint("band escape length", body_end), r.varint("band y length", body_end)) for _ in range(n - 1)]
     lens = []
     streams = []
     names = ("z stream", "escape stream", "y stream") + (("refinement layer",) if flags & _FLAG_REFINE else ())
@@ -195,13 +234,19 @@ def unpack(data: bytes, max_pixels: int | None = None) -> tuple[Header, Streams]
         raise BdcError("corrupt file: trailing bytes")
     if lens[2] % 4:
         raise BdcError("corrupt file: y stream is not whole words")
+    bands: tuple[tuple[int, int], ...] = ()
+    if sizes:
+        rest = (lens[1] - sum(b[0] for b in sizes), lens[2] - sum(b[1] for b in sizes))
+        if min(rest) < 0 or any(b[1] % 4 for b in sizes):
+            raise BdcError("corrupt file: latent band sizes do not fit the streams")
+        bands = tuple(sizes) + (rest,)
     symbol_crc = struct.unpack("<I", data[body_end : body_end + 4])[0]
     header = Header(width, height, q2 / 2, wid, bool(flags & _FLAG_GRAY),
                     "fidelity" if flags & _FLAG_FIDELITY else "perceptual", steps, seed, version, level)
     refine = streams[3] if len(streams) > 3 else b""
     if flags & _FLAG_REFINE and not refine:
         raise BdcError("corrupt file: empty refinement layer")
-    return header, Streams(streams[0], streams[1], streams[2], symbol_crc, refine)
+    return header, Streams(streams[0], streams[1], streams[2], symbol_crc, refine, bands)
 
 
 def describe(data: bytes) -> str:
@@ -222,7 +267,7 @@ def describe(data: bytes) -> str:
         f"weights id:  {header.weights_id}",
         f"decode:      {header.mode} mode, {header.steps} step{'s' if header.steps != 1 else ''}, seed {header.seed}",
         f"streams:     z {len(streams.z)} B, y {len(streams.y)} B, escapes {len(streams.escapes)} B, "
-        f"header+checks {overhead} B",
+        f"header+checks {overhead} B" + (f", {len(streams.bands)} latent bands" if len(streams.bands) > 1 else ""),
         f"refinement:  {refine}",
         f"total:       {len(data)} bytes, {8 * len(data) / n:.4f} bpp",
     ]

@@ -30,7 +30,7 @@ import numpy as np
 from .entropy import SCALE_TABLE
 from .errors import BdcError
 
-__all__ = ["ALPHABET", "PassEncoder", "PassDecoder", "HyperCoder", "decode_z_compressai"]
+__all__ = ["ALPHABET", "PassEncoder", "PassDecoder", "HyperCoder", "decode_z_compressai", "band_crc", "check_crc"]
 
 ALPHABET = 255
 _STDS = SCALE_TABLE.double().numpy()
@@ -45,6 +45,21 @@ def _varint(n: int, out: bytearray) -> None:
         out.append(b | 0x80 if n else b)
         if not n:
             return
+
+
+def band_crc(crcs: list[int]) -> int:
+    """The file's symbol CRC from its bands' (a band's own CRC where there is one band)."""
+    if len(crcs) == 1:
+        return crcs[0]
+    return zlib.crc32(np.asarray(crcs, dtype="<u4").tobytes())
+
+
+def check_crc(actual: int, expected: int) -> None:
+    if actual != expected:
+        raise BdcError(
+            "decoded symbols do not match the file's checksum (corrupt file, or the encoder's "
+            "arithmetic differs from this machine's)"
+        )
 
 
 class PassEncoder:
@@ -114,14 +129,12 @@ class PassDecoder:
         self.crc = zlib.crc32(sym.astype("<i8").tobytes(), self.crc)
         return sym
 
-    def finish(self, expected_crc: int) -> None:
+    def finish(self, expected_crc: int | None = None) -> None:
+        """Check that the escapes are used up and, with ``expected_crc``, the symbols' CRC."""
         if self.esc_pos != len(self.escapes):
             raise BdcError("corrupt file: unused bytes in the escape stream")
-        if self.crc != expected_crc:
-            raise BdcError(
-                "decoded symbols do not match the file's checksum (corrupt file, or the encoder's "
-                "arithmetic differs from this machine's)"
-            )
+        if expected_crc is not None:
+            check_crc(self.crc, expected_crc)
 
 
 class HyperCoder:

@@ -41,7 +41,7 @@ def test_earlier_versions_round_trip_without_a_rate_level():
     for version, streams in ((1, STREAMS), (2, dataclasses.replace(STREAMS, refine=b"\x78\x00r"))):
         header = dataclasses.replace(HEADER, version=version, level=None)
         data = pack(header, streams)
-        assert data[3] == version and len(data) == len(pack(HEADER, streams)) - 1
+        assert data[3] == version and len(data) == len(pack(dataclasses.replace(HEADER, version=4), streams)) - 1
         assert unpack(data) == (header, streams)
         assert "rate level" not in describe(data)
     with pytest.raises(ValueError, match="refinement"):
@@ -58,6 +58,36 @@ def test_earlier_versions_round_trip_without_a_rate_level():
 
 def _resealed(body: bytes) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_latent_bands_round_trip_and_are_checked():
+    banded = dataclasses.replace(STREAMS, bands=((1, 80), (0, 40), (0, 80)))
+    data = pack(HEADER, banded)
+    assert len(data) == len(pack(HEADER, STREAMS)) + 4  # n, then two varints for each band but the last
+    header, streams = unpack(data)
+    assert streams == banded and "3 latent bands" in describe(data)
+    assert [len(e) + len(y) for e, y in streams.band_streams()] == [81, 40, 80]
+    assert unpack(pack(HEADER, STREAMS))[1].band_streams() == [(STREAMS.escapes, STREAMS.y)]
+    for bands, msg in [(((1, 80), (0, 80)), "add up"), (((1, 2), (0, 198)), "whole words"), ((), None)]:
+        if msg:
+            with pytest.raises(ValueError, match=msg):
+                pack(HEADER, dataclasses.replace(STREAMS, bands=bands))
+    with pytest.raises(ValueError, match="version 5"):
+        pack(dataclasses.replace(HEADER, version=4), banded)
+    old = pack(dataclasses.replace(HEADER, version=4), STREAMS)  # no band table before version 5
+    assert len(old) == len(pack(HEADER, STREAMS)) - 1 and unpack(old)[1].bands == ()
+    # a band table that claims more than the streams hold, resealed so that only the sizes are wrong
+    body = bytearray(data[:-4])
+    pos = body.index(bytes([3, 1, 80, 0, 40]))
+    body[pos + 2] = 0x7E  # the first band's y stream: 126 bytes, not whole words
+    with pytest.raises(BdcError, match="band sizes"):
+        unpack(_resealed(bytes(body)))
+    body[pos + 2], body[pos + 4] = 0x7C, 0x7C  # 124 + 124 bytes of a 200-byte y stream
+    with pytest.raises(BdcError, match="band sizes"):
+        unpack(_resealed(bytes(body)))
+    body[pos] = 0
+    with pytest.raises(BdcError, match="no latent bands"):
+        unpack(_resealed(bytes(body)))
 
 
 def test_refuses_foreign_truncated_and_corrupt_data():
@@ -89,7 +119,8 @@ def test_huge_dimensions_refused_before_any_allocation():
 @given(st.data())
 def test_mutations_fail_cleanly(data):
     """Mutated, truncated or extended files either parse or raise BdcError, nothing else."""
-    blob = bytearray(pack(HEADER, STREAMS))
+    streams = data.draw(st.sampled_from([STREAMS, dataclasses.replace(STREAMS, bands=((1, 80), (0, 40), (0, 80)))]))
+    blob = bytearray(pack(HEADER, streams))
     op = data.draw(st.sampled_from(["flip", "truncate", "extend", "reseal"]))
     if op == "flip":
         i = data.draw(st.integers(0, len(blob) - 1))
