@@ -803,7 +803,7 @@ def _decode_steps(ui: _Terminal, mode, steps, temperature, seed, out_quality, ma
         data = _read_input(src) if prepared[0] is None else prepared[0]
         pixels, header = codec.decode(data, mode=mode, steps=steps, temperature=temperature, seed=seed,
                                       max_pixels=max_pixels, progress=bar)
-        _write_output(dst, write_image(pixels, dst, header.gray, quality=out_quality), force)
+        _write_output(dst, write_image(pixels, dst, header.gray, quality=out_quality, threads=codec.threads), force)
         return f"{len(data)} bytes, {8 * len(data) / (header.width * header.height):.4f} bpp"
 
     return check, verify, work

@@ -684,10 +684,18 @@ class Codec:
         parts = self._band_map(band, list(range(len(bands))))
         check_crc(band_crc([p[2] for p in parts]), streams.symbol_crc)
         y_hat_g, activity = torch.cat([p[0] for p in parts], 2), np.concatenate([p[1] for p in parts])
-        ref = None
+        layer = None
         if streams.refine:
             act = refine.block_activity(activity, header.height, header.width, 16)
-            ref = refine.decode(streams.refine, header.height, header.width, act)
+
+            def decode_layer():
+                ref = refine.decode(streams.refine, header.height, header.width, act)
+                return ref, (refine.reconstruct(ref) if mode == "fidelity" else None)
+
+            # the refinement layer does not depend on x_bar: decoded on a thread of its own while g_s runs
+            pool = concurrent.futures.ThreadPoolExecutor(1)
+            layer = pool.submit(decode_layer)
+            pool.shutdown(wait=False)
         t1 = time.perf_counter()
         if mode == "perceptual":
             progress.plan(steps)  # before the tiles, so that the bar's total is right from the start
@@ -710,17 +718,15 @@ class Codec:
             del cond, texture, y_hat  # large images: free the features before the refinement's arrays exist
             pixels = self._to_uint8((x0 + 1) / 2, header.height, header.width)
             del x0
+            base = self._to_uint8(x_bar, header.height, header.width) if layer is not None else None
         else:
-            pixels = self._to_uint8(x_bar, header.height, header.width)
-        base = self._to_uint8(x_bar, header.height, header.width) if ref is not None else None
+            pixels = base = self._to_uint8(x_bar, header.height, header.width)
         del x_bar
         t2 = time.perf_counter()
-        if ref is not None:
-            base = base.astype(np.float64)
+        if layer is not None:
+            ref, residual = layer.result()
             if mode == "perceptual":
                 residual = refine.project(ref, pixels.astype(np.float64) - base)
-            else:
-                residual = refine.reconstruct(ref)
             pixels = _add_residual(base, residual)
         self.timings = {"entropy_decode": t1 - t0, "synthesis": t2 - t1, "refine": time.perf_counter() - t2}
         return pixels, header

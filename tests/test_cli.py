@@ -611,3 +611,20 @@ def test_jobs_decode_gives_the_same_images_and_checks_weights_first(run, shared_
     for i in range(3):
         one = np.asarray(Image.open(tmp_path / "one" / f"im{i}.png"), dtype=int)
         assert np.abs(np.asarray(Image.open(tmp_path / "two" / f"im{i}.png"), dtype=int) - one).max() <= 1
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_large_png_outputs_are_deflated_in_stripes_and_read_back_exactly(monkeypatch, gray):
+    import bdcodec.imageio as imageio
+
+    rng = np.random.default_rng(3)
+    pixels = np.clip(rng.normal(128, 40, (37, 53, 3)).cumsum(1) / 8, 0, 255).astype(np.uint8)  # odd size, some texture
+    want = np.asarray(Image.fromarray(pixels).convert("L")) if gray else pixels
+    small = imageio.write_image(pixels, "out.png", gray)  # Pillow's PNG
+    monkeypatch.setattr(imageio, "PNG_STRIPE", 500)  # so that this image takes four or more stripes
+    striped = imageio.write_image(pixels, "out.png", gray, threads=2)
+    assert striped != small and striped.count(b"IDAT") >= 4
+    assert striped == imageio.write_image(pixels, "out.png", gray, threads=1)  # the bytes do not depend on threads
+    im = Image.open(io.BytesIO(striped))
+    im.load()  # checks every chunk's CRC and the zlib stream's Adler-32
+    assert im.mode == ("L" if gray else "RGB") and np.array_equal(np.asarray(im), want)
