@@ -239,8 +239,14 @@ def _tiled(fn, x: torch.Tensor, scale: float, tile: int, margin: int, progress: 
 
 
 def _add_residual(base: np.ndarray, residual: np.ndarray) -> np.ndarray:
-    """uint8 pixels of a base image plus a refinement residual (0..255 units)."""
-    return np.clip(np.round(np.asarray(base, dtype=np.float64) + residual), 0, 255).astype(np.uint8)
+    """uint8 pixels of a base image plus a refinement residual (0..255 units), which this overwrites.
+
+    In place: at 3000x2000 each float64 temporary is 144 MB of fresh pages (0.48 s with
+    four of them, 0.1 s in place)."""
+    out = np.add(residual, base, out=residual if residual.dtype == np.float64 else None, dtype=np.float64)
+    np.round(out, out=out)
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
 
 
 class Codec:
