@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import math
 import os
@@ -235,7 +236,28 @@ def _tiled(fn, x: torch.Tensor, scale: float, tile: int, margin: int, progress: 
                 out = part.new_empty(1, part.shape[1], round(h * scale), round(w * scale))
             oi, oj = round(i0 * scale), round(j0 * scale)
             out[:, :, oi : oi + part.shape[2], oj : oj + part.shape[3]] = part
+    if workers > 1:
+        _trim_heap()
     return out
+
+
+def _trim_heap() -> None:
+    """Hand the memory freed by worker threads back to the system (glibc; elsewhere nothing).
+
+    glibc gives every thread a heap of its own and keeps what is freed there for later
+    allocations; after g_s ran its tiles on two threads, 350 MB of them outlived the tiles,
+    and at 3000x2000 the perceptual decode's peak went from 2.2 to 2.6 GB.  Trimming takes 0.03 s."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC(0)
+
+
+_LIBC = None
 
 
 def _add_residual(base: np.ndarray, residual: np.ndarray) -> np.ndarray:
@@ -632,7 +654,9 @@ class Codec:
         if workers <= 1:
             return [fn(band) for band in bands]
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(fn, bands))
+            out = list(pool.map(fn, bands))
+        _trim_heap()
+        return out
 
     def _encode_latent(self, y: torch.Tensor, hyper: tuple[bytes, torch.Tensor] | None = None
                        ) -> tuple[Streams, torch.Tensor, np.ndarray]:
