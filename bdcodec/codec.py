@@ -604,6 +604,7 @@ class Codec:
     def _analyse(self, x: torch.Tensor, progress: _Progress | None = None) -> torch.Tensor:
         """The latent y (ungained, fp32 on the CPU) of a padded (1, 3, H, W) image in 0..1."""
         x = x.to(self.device, memory_format=self._layout)
+
         def g_a(part: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.analysis_bf16):
                 return self.model.g_a(part)
