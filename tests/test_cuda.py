@@ -85,6 +85,23 @@ def test_files_cross_between_cuda_and_cpu(codecs, image, quality, tune):
     assert abs(len(files["cpu"]) - len(files["cuda"])) <= 0.02 * len(files["cpu"]) + 16
 
 
+def test_banded_files_cross_between_cuda_and_cpu(codecs, image, monkeypatch):
+    """Latent bands run on CPU threads beside a CUDA codec too; their files decode on either."""
+    import bdcodec.codec as mod
+
+    monkeypatch.setattr(mod, "BAND_AREA", 256)  # four bands on a Kodak image
+    monkeypatch.setattr(mod, "BAND_MIN_ROWS", 8)
+    res = {}
+    for made_on, maker in codecs.items():
+        data = maker.encode(image, quality=40, mode="fidelity")
+        assert len(container.unpack(data)[1].bands) == 4
+        outs = {dev: c.decode(data, mode="fidelity")[0].astype(int) for dev, c in codecs.items()}
+        d = np.abs(outs["cpu"] - outs["cuda"])
+        res[made_on] = {"max": int(d.max()), "mean": float(d.mean()), "bytes": len(data)}
+        assert d.max() <= 1, (made_on, int(d.max()))
+    _report("cross_banded", res)
+
+
 def test_perceptual_decode_on_cuda_matches_cpu_within_tolerance(codecs, image):
     data = codecs["cpu"].encode(image, quality=20)
     outs = {dev: c.decode(data, mode="perceptual")[0].astype(int) for dev, c in codecs.items()}
