@@ -220,10 +220,9 @@ def _attempt(src: str, dst: str, fn, *args) -> tuple[bool, object]:
 
 
 def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    from .imageio import cpu_count
+
+    return cpu_count()
 
 
 def _run(ui: _Terminal, jobs, force: bool, steps, weights, device, threads, verbose: bool, workers: int = 1

@@ -34,7 +34,6 @@ import contextlib
 import ctypes
 import dataclasses
 import math
-import os
 import time
 
 import numpy as np
@@ -47,6 +46,7 @@ from .entropy import anchor_mask, scale_indexes
 from .effort import (DEFAULT_EFFORT, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, EFFORT_STEPS, MAX_EFFORT, ROI_MIN_EFFORT,
                      SGA_FROM, native_bf16, refine_latent)
 from .errors import BdcError
+from .imageio import cpu_count
 from .model import pad_to
 from .rans import HyperCoder, PassDecoder, PassEncoder, band_crc, check_crc, decode_z_compressai
 from .weights import default_weights_path, load_model, reads
@@ -139,14 +139,6 @@ def latent_bands(height: int, width: int, n: int | None = None) -> list[tuple[in
     return [(k * rows, min(height, (k + 1) * rows)) for k in range(n)]
 
 
-def cpu_count() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 @contextlib.contextmanager
 def _threads(n: int):
     """Run torch's CPU operators on ``n`` threads inside the block."""
@@ -203,7 +195,7 @@ def _tiled(fn, x: torch.Tensor, scale: float, tile: int, margin: int, progress: 
     """
     progress = progress or _Progress()
     _, _, h, w = x.shape
-    if h <= tile + 2 * margin and w <= tile + 2 * margin:
+    if _one_tile(h, w, tile, margin):
         progress.plan(1)
         out = fn(x)
         progress()
@@ -239,6 +231,11 @@ def _tiled(fn, x: torch.Tensor, scale: float, tile: int, margin: int, progress: 
     if workers > 1:
         _trim_heap()
     return out
+
+
+def _one_tile(h: int, w: int, tile: int, margin: int) -> bool:
+    """Whether :func:`_tiled` takes an (h, w) input whole."""
+    return h <= tile + 2 * margin and w <= tile + 2 * margin
 
 
 def _trim_heap() -> None:
@@ -723,7 +720,7 @@ class Codec:
                 ref = refine.decode(streams.refine, header.height, header.width, act)
                 return ref, (refine.reconstruct(ref) if mode == "fidelity" else None)
 
-            if max(hp, wp) > TILE + 2 * MARGIN:
+            if not _one_tile(hp // 16, wp // 16, TILE // 16, MARGIN // 16):
                 # the layer does not depend on x_bar: on a thread of its own while g_s runs, tile after tile
                 # (3000x2000, fidelity: 8.45 -> 8.0 s; on an image of one tile it slowed the decode by 0.1 s)
                 pool = concurrent.futures.ThreadPoolExecutor(1)

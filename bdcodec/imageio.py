@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BdcError
 
-__all__ = ["read_image", "read_mask", "probe_image", "error_reason", "write_image", "output_format", "suffix_format",
+__all__ = ["cpu_count", "read_image", "read_mask", "probe_image", "error_reason", "write_image", "output_format", "suffix_format",
            "write_output", "atomic_write"]
 
 Image.MAX_IMAGE_PIXELS = None  # bdcodec applies its own --max-pixels limit
@@ -30,6 +30,14 @@ PNG_LEVEL = 4
 # PNGs of more than PNG_STRIPE bytes of pixels are deflated in stripes of that size on
 # several threads (see ``_png_stripes``); below it, Pillow writes them.
 PNG_STRIPE = 4 << 20
+
+
+def cpu_count() -> int:
+    """The cores this process may run on (the default thread count of the codec and of the PNG writer)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def error_reason(exc: Exception) -> str:
@@ -164,7 +172,7 @@ def write_image(pixels: np.ndarray, path: str, gray: bool = False, fmt: str | No
     fmt = fmt or output_format(path)
     options = {"quality": int(quality)} if quality is not None and fmt in LOSSY_FORMATS else {}
     if fmt == "PNG" and pixels.size // (3 if gray else 1) > PNG_STRIPE:
-        return _png_stripes(np.asarray(im), threads or len(os.sched_getaffinity(0)))
+        return _png_stripes(np.asarray(im), threads or cpu_count())
     if fmt == "PNG":
         options["compress_level"] = PNG_LEVEL
     buf = io.BytesIO()
