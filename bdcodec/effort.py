@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 __all__ = ["DEFAULT_EFFORT", "DEFAULT_ROI_WEIGHT", "EFFORT_MAX_PIXELS", "EFFORT_STEPS", "MAX_EFFORT", "ROI_MIN_EFFORT",
            "SGA_FROM", "native_bf16", "refine_latent"]
@@ -122,6 +123,10 @@ def refine_latent(model, x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, le
     if steps <= 0:
         return y
     device = x.device
+    # On a GPU the whole fit runs there (a copy of the entropy model with it); on the CPU only g_s
+    # takes every thread and the rest stays on one (see below).
+    on_gpu = device.type != "cpu"
+    entropy = _device_entropy(model, device) if on_gpu else model.entropy
     if bf16 is None:
         bf16 = native_bf16(device.type)
     _, inv_gain = model.gains(level)
@@ -134,10 +139,11 @@ def refine_latent(model, x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, le
         w[..., :height, :width] *= weight.to(device)
     weight = w
     dct = _DctCost(x, dct_step, weight, height, width) if dct_step else None
-    gen = torch.Generator().manual_seed(seed)
-    psi = psi.detach()
-    var = y.detach().clone().requires_grad_(True)
-    layout, g_in = x_layout(x), inv_gain.cpu()
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU on any device: the same numbers
+    fit = device if on_gpu else torch.device("cpu")
+    psi = psi.detach().to(fit)
+    var = y.detach().to(fit).clone().requires_grad_(True)
+    layout, g_in = x_layout(x), inv_gain.to(fit)
 
     def synthesis(y_hat):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -156,11 +162,27 @@ def refine_latent(model, x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, le
     # whatever --threads or -j is.
     with _threads(1):
         if relax == "sga":
-            return _fit_sga(model, y, var, psi, pixels, distortion, steps, gen)
-        return _fit_ste(model, y, var, psi, pixels, distortion, steps, gen, lr)
+            best = _fit_sga(entropy, y, var, psi, pixels, distortion, steps, gen)
+        else:
+            best = _fit_ste(entropy, y, var, psi, pixels, distortion, steps, gen, lr)
+    return best.to("cpu", torch.float32)
 
 
-def _fit_ste(model, y, var, psi, pixels, distortion, steps, gen, lr):
+_DEVICE_ENTROPY = weakref.WeakKeyDictionary()
+
+
+def _device_entropy(model, device):
+    """A copy of ``model.entropy`` on ``device`` for the fit, made once per model and device; the
+    codec's own stays on the CPU, where the symbols are coded."""
+    import copy
+
+    copies = _DEVICE_ENTROPY.setdefault(model, {})
+    if device not in copies:
+        copies[device] = copy.deepcopy(model.entropy).to(device).requires_grad_(False)
+    return copies[device]
+
+
+def _fit_ste(entropy, y, var, psi, pixels, distortion, steps, gen, lr):
     """Straight-through fit: rate under uniform noise, distortion of the rounded latent, normalised
     gradient steps of ``lr`` per RMS gradient with a cosine decay; the best rounded latent is kept."""
     import torch
@@ -169,8 +191,8 @@ def _fit_ste(model, y, var, psi, pixels, distortion, steps, gen, lr):
     best, best_loss = y, math.inf
     with torch.enable_grad():
         for i in range(steps + 1):
-            y_hat, mu, sigma = model.entropy(var, psi)
-            noise = torch.rand(var.shape, generator=gen) - 0.5
+            y_hat, mu, sigma = entropy(var, psi)
+            noise = torch.rand(var.shape, generator=gen).to(var.device) - 0.5
             rate = _bits(var + noise - mu, sigma) / pixels
             shown = distortion(y_hat)
             loss = rate + shown
@@ -243,14 +265,14 @@ def _sga_rounding(tau: float, gen):
     def rounding(r):
         f = torch.floor(r).detach()
         a = (r - f).clamp(1e-5, 1 - 1e-5)
-        u = torch.rand((2,) + r.shape, generator=gen).clamp_(1e-10, 1 - 1e-10)
+        u = torch.rand((2,) + r.shape, generator=gen).to(r.device).clamp_(1e-10, 1 - 1e-10)
         logits = torch.stack([-torch.atanh(a), -torch.atanh(1 - a)]) / tau - torch.log(-torch.log(u))
         return f + torch.softmax(logits, 0)[1]
 
     return rounding
 
 
-def _fit_sga(model, y, var, psi, pixels, distortion, steps, gen):
+def _fit_sga(entropy, y, var, psi, pixels, distortion, steps, gen):
     """The fit under stochastic Gumbel annealing: rate and distortion both of the relaxed
     latent, whose rounding hardens as the temperature falls from SGA_TAU to SGA_TAU x
     exp(-SGA_DECAY); Adam at SGA_LR.  The rounded latent is scored every SGA_CHECK steps
@@ -258,7 +280,7 @@ def _fit_sga(model, y, var, psi, pixels, distortion, steps, gen):
     import torch
 
     def cost(rounding):
-        y_hat, mu, sigma = model.entropy(var, psi, rounding)
+        y_hat, mu, sigma = entropy(var, psi, rounding)
         return _bits(y_hat - mu, sigma) / pixels + distortion(y_hat)
 
     opt = torch.optim.Adam([var], lr=SGA_LR)

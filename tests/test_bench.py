@@ -249,3 +249,38 @@ def test_detail_window_finds_the_textured_square():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert detail_window(np.zeros((1, 1, 3), np.uint8), 1) == (0, 0)
+
+
+def test_bench_merge_joins_per_image_results_and_leaves_out_incomplete_images(tmp_path):
+    """scripts/bench-merge.py: per-image benches give the effort table one bench over those images would."""
+    import subprocess
+    import sys
+
+    from bdcodec.bench import _curves, _effort_table
+
+    from .conftest import ROOT
+
+    fields = ["codec", "setting", "image", "bytes", "pixels", "bpp", "psnr", "enc_s"]
+    rows_by_image = {}
+    for image, lift in (("a.png", 0.0), ("b.png", 1.0), ("c.png", 0.5)):
+        rows = []
+        for name, gain, secs in (("bdcodec-fidelity", 0.0, 1.0), ("bdcodec-fidelity-e3", 0.3, 4.0)):
+            for q, (bpp, db) in enumerate([(0.2, 27.0), (0.4, 29.0), (0.8, 32.0), (1.6, 36.0)]):
+                if image == "c.png" and name.endswith("e3") and q == 3:
+                    continue  # c's bench was cut short
+                rows.append({"codec": name, "setting": float(q), "image": image, "bytes": 100.0, "pixels": 4000.0,
+                             "bpp": bpp * (1 + lift), "psnr": db + gain + lift, "enc_s": secs + lift})
+        rows_by_image[image] = rows
+        with open(tmp_path / f"{image}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench-merge.py"), "--csv", str(tmp_path / "all.csv"),
+                          *(str(tmp_path / f"{i}.csv") for i in rows_by_image)],
+                         capture_output=True, text=True, check=True)
+    both = rows_by_image["a.png"] + rows_by_image["b.png"]
+    e3 = [r for r in _effort_table(_curves(both), both) if r["effort"] == 3][0]
+    assert f"| bdcodec-fidelity | 3 | {e3['bd_rate_psnr']:+.2f} |" in res.stdout
+    assert "2 images" in res.stdout and "left out, incomplete: c.png" in res.stdout
+    with open(tmp_path / "all.csv", newline="") as f:
+        assert sorted({r["image"] for r in csv.DictReader(f)}) == ["a.png", "b.png"]

@@ -146,3 +146,29 @@ def test_1080p_decode_times_on_cuda(codecs, image):
     times["device"] = torch.cuda.get_device_name()
     _report("decode_1080p", times)
     assert times["fidelity"]["median_s"] < 60 and times["perceptual"]["median_s"] < 120
+
+
+def test_effort_fit_on_cuda(codecs, image):
+    """At effort 7 the whole fit runs on the GPU (the entropy model with it): files decode on the CPU, at a
+    lower cost (bits + lambda x squared error) than effort 0, and the same input gives the same bytes."""
+    from bdcodec.effort import EFFORT_STEPS
+
+    crop = image[:256, :384]
+    c = codecs["cuda"]
+    res = {}
+    for effort in (0, 7):
+        t0 = time.perf_counter()
+        data = c.encode(crop, quality=0, mode="fidelity", effort=effort)
+        res[effort] = {"bytes": len(data), "encode_s": time.perf_counter() - t0}
+        out, _ = codecs["cpu"].decode(data, mode="fidelity")
+        res[effort]["psnr"] = psnr(crop, out)
+        res[effort]["sse"] = float(((out.astype(float) - crop) ** 2).sum())
+    again = c.encode(crop, quality=0, mode="fidelity", effort=7)
+    res["same_bytes"] = again == data
+    res["steps"] = EFFORT_STEPS[7]
+    _report("effort_fit_cuda", res)
+    # the fit's objective: bits + lambda x 255^2 x the mean squared error (0..1) over pixels and channels
+    lam = codecs["cpu"].model.lmbda(codecs["cpu"].plan(0, "fidelity")[0])
+    cost = {e: 8 * res[e]["bytes"] + lam * res[e]["sse"] / 3 for e in (0, 7)}
+    assert cost[7] < cost[0], res
+    assert res["same_bytes"], res
