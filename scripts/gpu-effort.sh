@@ -50,7 +50,9 @@ for img in "${images[@]}"; do
     slot=$((slot + 1))
     limit=$(( $(left) - 30 ))
     [ "$limit" -gt 60 ] || { echo "budget spent: $name and the images after it not started"; break; }
-    ( timeout "$limit" taskset -c "$first-$((first + per - 1))" python3 -m bdcodec bench "$work/img/$name" \
+    pin=()
+    command -v taskset > /dev/null && pin=(taskset -c "$first-$((first + per - 1))")
+    ( timeout "$limit" "${pin[@]}" python3 -m bdcodec bench "$work/img/$name" \
         --codecs bdcodec --modes fidelity --qualities "${QUALITIES:-0,20,40,50,60,70,80,90}" \
         --efforts "${EFFORTS:-0,9}" --no-speed --device "${DEVICE:-cuda}" ${WEIGHTS:+--weights "$WEIGHTS"} \
         --out "$work/res/$name" > "$work/res/$name.log" 2>&1
