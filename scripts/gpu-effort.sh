@@ -4,11 +4,11 @@
 #
 #   scripts/gpu-effort.sh OUTDIR [MINUTES]        (MINUTES: the whole script's budget, default 9.3)
 #
-# FOLDER (default .gpu/kodak), EFFORTS (default 0,9), QUALITIES (default 0,20,40,50,60,70,80,90), PROCS
+# FOLDER (default .bench/kodak), EFFORTS (default 0,9), QUALITIES (default 0,20,40,50,60,70,80,90), PROCS
 # (default 6: images benched at once, each process pinned to its share of the host's cores), WEIGHTS
-# (default: the shipped ones) and DEVICE (default cuda).  The images travel as an ignored folder, without
-# the training pack, which would not fit beside them:
-#   mkdir -p .gpu/kodak && cp ../shared/data/kodak/*.png .gpu/kodak/     then carry .gpu/kodak and .whl
+# (default: the shipped ones) and DEVICE (default cuda).  The images travel as an ignored folder of their
+# own (the training pack in .gpu would not fit beside them):
+#   mkdir -p .bench/kodak && cp ../shared/data/kodak/*.png .bench/kodak/     then carry .bench and .whl
 # An image whose bench has not finished within the budget is left out of the table and named in the log.
 # OUTDIR gets effort.csv (every row of the images done), effort.md (the table) and gpu-effort.log.
 set -uo pipefail
@@ -20,7 +20,7 @@ mkdir -p "$out"
 exec > >(tee -a "$out/gpu-effort.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 left() { python3 -c "import time; print(f'{$budget * 60 - (time.time() - $start):.0f}')"; }
-folder=${FOLDER:-.gpu/kodak}
+folder=${FOLDER:-.bench/kodak}
 procs=${PROCS:-6}
 
 echo "== environment ($(date -u +%FT%TZ))"
