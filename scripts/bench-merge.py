@@ -23,16 +23,22 @@ def main() -> None:
     args = ap.parse_args()
     rows, fields = [], []
     for path in args.results:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            fields += [k for k in reader.fieldnames if k not in fields]
-            for r in reader:
-                rows.append({k: (v if k in ("codec", "image") else float(v)) for k, v in r.items() if v != ""})
+        try:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                missing = {"codec", "setting", "image", "bpp", "psnr"} - set(reader.fieldnames or ())
+                if missing:
+                    sys.exit(f"bench-merge: {path}: not a bench's results.csv (missing columns: {', '.join(sorted(missing))})")
+                fields += [k for k in reader.fieldnames if k not in fields]
+                for r in reader:
+                    rows.append({k: (v if k in ("codec", "image") else float(v)) for k, v in r.items() if v != ""})
+        except (OSError, ValueError) as exc:
+            sys.exit(f"bench-merge: {path}: {exc}")
     keys = {(r["codec"], r["setting"]) for r in rows}
     images = sorted({r["image"] for r in rows})
     complete = [i for i in images if keys <= {(r["codec"], r["setting"]) for r in rows if r["image"] == i}]
     if not complete:
-        sys.exit("no image has every curve at every setting")
+        sys.exit("bench-merge: no image has every curve at every setting")
     left_out = sorted(set(images) - set(complete))
     rows = [r for r in rows if r["image"] in complete]
     curves = _curves(rows)
