@@ -16,9 +16,10 @@ z is fixed to the hyper-latent of the unrefined y, so psi (the hyperprior's
 features) is a constant of the problem.  The refined y is then coded by the usual
 deterministic path: files stay readable by any decoder of this format, and nothing
 about the decoder changes.  Normalised gradient descent with a cosine step-size decay
-(see LEARNING_RATE); the steps run
-on every thread the codec has (they only choose the latent, they do not have to be
-reproducible on another machine), with a fixed noise seed, and g_s runs under bf16
+(see LEARNING_RATE), with a fixed noise seed.  On the CPU g_s runs on every thread the
+codec has and the entropy model, the costs and the steps on one, so a fitted file is the
+same bytes with any thread count (the fit only chooses the latent; it does not have to be
+reproducible on another machine); on a GPU the whole fit runs there.  g_s runs under bf16
 autocast where the device multiplies bf16 natively (``native_bf16``): g_s about 2x and
 the fit about 1.5x faster on such a CPU, for the same gain.  The rate terms stay in fp32.
 
@@ -172,8 +173,8 @@ _DEVICE_ENTROPY = weakref.WeakKeyDictionary()
 
 
 def _device_entropy(model, device):
-    """A copy of ``model.entropy`` on ``device`` for the fit, made once per model and device; the
-    codec's own stays on the CPU, where the symbols are coded."""
+    """A copy of ``model.entropy`` on ``device`` for the fit, made once per model and device (whose
+    weights are taken as fixed); the codec's own stays on the CPU, where the symbols are coded."""
     import copy
 
     copies = _DEVICE_ENTROPY.setdefault(model, {})
