@@ -8,6 +8,7 @@ machines, give the table one bench over all of them would.  --csv writes the row
 """
 import argparse
 import csv
+import math
 import sys
 from pathlib import Path
 
@@ -18,10 +19,10 @@ from bdcodec.bench import _curves, _effort_table, _report  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", nargs="+", type=Path)
-    ap.add_argument("--csv", type=Path)
+    ap.add_argument("results", nargs="+", type=Path, help="results.csv files of `bdcodec bench` runs")
+    ap.add_argument("--csv", type=Path, help="write the rows the table was made from here")
     args = ap.parse_args()
-    rows, fields = [], []
+    rows, fields, seen = [], [], {}
     for path in args.results:
         try:
             with open(path, newline="") as f:
@@ -30,30 +31,47 @@ def main() -> None:
                 if missing:
                     sys.exit(f"bench-merge: {path}: not a bench's results.csv (missing columns: {', '.join(sorted(missing))})")
                 fields += [k for k in reader.fieldnames if k not in fields]
-                for r in reader:
-                    rows.append({k: (v if k in ("codec", "image") else float(v)) for k, v in r.items() if v != ""})
+                for n, r in enumerate(reader, 2):
+                    row = {k: (v if k in ("codec", "image") else float(v)) for k, v in r.items() if v != ""}
+                    bad = [k for k in ("setting", "bpp", "psnr") if not math.isfinite(row.get(k, math.nan))]
+                    if bad or not row.get("codec") or not row.get("image"):
+                        sys.exit(f"bench-merge: {path}, line {n}: no valid {(bad or ['codec/image'])[0]}")
+                    key = (row["codec"], row["setting"], row["image"])
+                    if key in seen:
+                        sys.exit(f"bench-merge: {path}, line {n}: {key[0]} at setting {key[1]:g} on {key[2]} "
+                                 f"again (also in {seen[key]}): each image's results once")
+                    seen[key] = path
+                    rows.append(row)
         except (OSError, ValueError) as exc:
             sys.exit(f"bench-merge: {path}: {exc}")
     keys = {(r["codec"], r["setting"]) for r in rows}
     images = sorted({r["image"] for r in rows})
     complete = [i for i in images if keys <= {(r["codec"], r["setting"]) for r in rows if r["image"] == i}]
+    if not rows:
+        sys.exit("bench-merge: no rows in the results given")
     if not complete:
-        sys.exit("bench-merge: no image has every curve at every setting")
+        sys.exit("bench-merge: no image has every curve at every setting (" + "; ".join(
+            f"{i}: {len({(r['codec'], r['setting']) for r in rows if r['image'] == i})} of {len(keys)}"
+            for i in images) + " curve points)")
     left_out = sorted(set(images) - set(complete))
     rows = [r for r in rows if r["image"] in complete]
     curves = _curves(rows)
     summary = {"images": len(complete), "folder": f"{len(args.results)} results files", "curves": curves,
                "bd": [], "effort": _effort_table(curves, rows), "speed": [], "notes": []}
-    if left_out:
-        summary["notes"].append(f"left out, incomplete: {', '.join(left_out)}")
     # the bench's report, less its tables that have no rows here (BD-rates against baselines, speed)
     blocks = _report(summary).split("\n\n")
     print("\n\n".join(b for b in blocks if not (b.startswith("|") and len(b.splitlines()) <= 2)))
+    if left_out:
+        print(f"note: left out, incomplete: {', '.join(left_out)}")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
+        try:
+            with open(args.csv, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows({k: (int(v) if isinstance(v, float) and v.is_integer() and k in ("bytes", "pixels")
+                                 else v) for k, v in r.items()} for r in rows)
+        except OSError as exc:
+            sys.exit(f"bench-merge: {args.csv}: {exc}")
 
 
 if __name__ == "__main__":

@@ -4,24 +4,38 @@
 #
 #   scripts/gpu-effort.sh OUTDIR [MINUTES]        (MINUTES: the whole script's budget, default 9.3)
 #
-# FOLDER (default .bench/kodak), EFFORTS (default 0,9), QUALITIES (default 0,20,40,50,60,70,80,90), PROCS
-# (default 6: images benched at once, each process pinned to its share of the host's cores), WEIGHTS
-# (default: the shipped ones) and DEVICE (default cuda).  The images travel as an ignored folder of their
-# own (the training pack in .gpu would not fit beside them):
-#   mkdir -p .bench/kodak && cp ../shared/data/kodak/*.png .bench/kodak/     then carry .bench and .whl
-# An image whose bench has not finished within the budget is left out of the table and named in the log.
-# OUTDIR gets effort.csv (every row of the images done), effort.md (the table) and gpu-effort.log.
+# Settings, as environment variables:
+#   FOLDER     the PNG images (default .bench/kodak under the repository)
+#   EFFORTS    default 0,9;  QUALITIES  default 0,20,40,50,60,70,80,90
+#   PROCS      images benched at once (default 6), each process pinned to its share of the host's cores
+#              (unpinned when there are fewer cores than processes)
+#   WEIGHTS    default the shipped ones;  DEVICE  default cuda (cpu for a dry run)
+#   LPIPS      AlexNet features for the LPIPS column (default .bench/alexnet-features-fp16.pth when there)
+# The images travel as an ignored folder of their own (the training pack in .gpu would not fit beside them):
+#   mkdir -p .bench/kodak && cp ../shared/data/kodak/*.png .bench/kodak/ && cp .gpu/alexnet-features-fp16.pth .bench/
+# then carry .bench and .whl.  An image whose bench has not finished within the budget is left out of the table
+# and named.  OUTDIR gets effort.md (the table), effort.csv (every row of the images done), effort-logs.tar.gz
+# (each image's bench log and results) and gpu-effort.log.  The exit status is 0 only when the table was made.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: scripts/gpu-effort.sh OUTDIR [MINUTES]" >&2; exit 2; }
-out=$1
+out=$(realpath -m "$1")
 budget=${2:-9.3}
+folder=$(realpath -m "${FOLDER:-$(dirname "$0")/../.bench/kodak}")
+lpips=${LPIPS:-$(dirname "$0")/../.bench/alexnet-features-fp16.pth}
+cd "$(dirname "$0")/.." || exit 1  # the repository root: its bdcodec, its scripts
 start=$(date +%s.%N)
-mkdir -p "$out"
+mkdir -p "$out" || exit 1
 exec > >(tee -a "$out/gpu-effort.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 left() { python3 -c "import time; print(f'{$budget * 60 - (time.time() - $start):.0f}')"; }
-folder=${FOLDER:-.bench/kodak}
 procs=${PROCS:-6}
+
+images=()
+for img in "$folder"/*; do
+    case "${img,,}" in *.png) images+=("$img") ;; esac
+done
+[ -d "$folder" ] || { echo "no folder $folder" >&2; exit 1; }
+[ ${#images[@]} -gt 0 ] || { echo "no PNG images in $folder" >&2; exit 1; }
 
 echo "== environment ($(date -u +%FT%TZ))"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -29,41 +43,56 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         --target /tmp/bdcodec-site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/bdcodec-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, compressai, constriction; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
     || exit 1
-images=("$folder"/*.png)
-[ -e "${images[0]}" ] || { echo "no PNG images in $folder" >&2; exit 1; }
+lpips_args=()
+if [ -f "$lpips" ]; then lpips_args=(--lpips-weights "$lpips"); else echo "no LPIPS weights at $lpips: LPIPS n/a"; fi
 
 echo "== ${#images[@]} images, efforts ${EFFORTS:-0,9}, $procs at a time"
-work=/tmp/bdcodec-effort
-rm -rf "$work" && mkdir -p "$work/img" "$work/res"
+work=$(mktemp -d /tmp/bdcodec-effort.XXXXXX)
+mkdir -p "$work/img" "$work/res"
 cores=$(nproc)
-per=$(( cores / procs > 0 ? cores / procs : 1 ))
+per=$(( cores / procs ))
 slot=0
 pids=()
 for img in "${images[@]}"; do
     while [ "$(jobs -rp | wc -l)" -ge "$procs" ]; do sleep 1; done
     name=$(basename "${img%.*}")
-    mkdir -p "$work/img/$name" && ln -s "$(realpath "$img")" "$work/img/$name/"
-    first=$(( (slot % procs) * per ))
+    mkdir -p "$work/img/$name" && ln -s "$img" "$work/img/$name/"
+    pin=()
+    if [ "$per" -ge 1 ] && command -v taskset > /dev/null; then
+        first=$(( (slot % procs) * per ))
+        pin=(taskset -c "$first-$((first + per - 1))")
+    fi
     slot=$((slot + 1))
     limit=$(( $(left) - 30 ))
     [ "$limit" -gt 60 ] || { echo "budget spent: $name and the images after it not started"; break; }
-    pin=()
-    command -v taskset > /dev/null && pin=(taskset -c "$first-$((first + per - 1))")
     ( timeout "$limit" "${pin[@]}" python3 -m bdcodec bench "$work/img/$name" \
         --codecs bdcodec --modes fidelity --qualities "${QUALITIES:-0,20,40,50,60,70,80,90}" \
         --efforts "${EFFORTS:-0,9}" --no-speed --device "${DEVICE:-cuda}" ${WEIGHTS:+--weights "$WEIGHTS"} \
-        --out "$work/res/$name" > "$work/res/$name.log" 2>&1
+        "${lpips_args[@]}" --out "$work/res/$name" > "$work/res/$name.log" 2>&1
       echo "$name: exit $? after $(python3 -c "import time; print(f'{time.time() - $start:.0f}')") s" ) &
     pids+=($!)
 done
-wait "${pids[@]}"  # not a bare wait: that would wait for the log's tee too
+# not a bare wait, which would wait for the log's tee too
+[ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
+done_csv=()
 for img in "${images[@]}"; do
     name=$(basename "${img%.*}")
-    [ -f "$work/res/$name/results.csv" ] || { echo "not done: $name"; tail -3 "$work/res/$name.log" 2>/dev/null; }
+    if [ -f "$work/res/$name/results.csv" ]; then
+        done_csv+=("$work/res/$name/results.csv")
+    else
+        echo "not done: $name"
+        [ -f "$work/res/$name.log" ] && tail -n 3 "$work/res/$name.log"
+    fi
 done
+(cd "$work/res" && tar czf "$out/effort-logs.tar.gz" ./*.log $(find . -name results.csv) 2>/dev/null)
+[ ${#done_csv[@]} -gt 0 ] || { echo "no image done: no table"; rm -rf "$work"; exit 1; }
 echo "== table"
-python3 scripts/bench-merge.py --csv "$out/effort.csv" "$work"/res/*/results.csv | tee "$out/effort.md"
+python3 scripts/bench-merge.py --csv "$out/effort.csv" "${done_csv[@]}" > "$out/effort.md"
+status=$?
+rm -rf "$work"
+cat "$out/effort.md"
 echo "== done in $(python3 -c "import time; print(f'{time.time() - $start:.0f}')") s"
+exit $status
