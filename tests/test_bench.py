@@ -284,3 +284,7 @@ def test_bench_merge_joins_per_image_results_and_leaves_out_incomplete_images(tm
     assert "2 images" in res.stdout and "left out, incomplete: c.png" in res.stdout
     with open(tmp_path / "all.csv", newline="") as f:
         assert sorted({r["image"] for r in csv.DictReader(f)}) == ["a.png", "b.png"]
+    # an image's results given twice (the same file, or a bench over several images beside one of them) is refused
+    twice = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench-merge.py"), str(tmp_path / "a.png.csv"),
+                            str(tmp_path / "a.png.csv")], capture_output=True, text=True)
+    assert twice.returncode != 0 and "again" in twice.stderr and "Traceback" not in twice.stderr
