@@ -787,7 +787,8 @@ def _report(summary) -> str:
             lines.append(f"| {name} | {p['setting']:g} | {p['bpp']:.4f} | {p['psnr']:.2f} | "
                          f"{_fmt(p.get('msssim'), '.4f')} | {_fmt(p.get('lpips'), '.4f')} |"
                          + (f" {_fmt(p.get('fid'), '.1f')} | {_fmt(p.get('kid'), '.4f')} |" if fid else ""))
-    lines += ["", "| bdcodec | against | BD-rate PSNR % | BD-rate MS-SSIM % | BD-LPIPS |", "|---|---|---|---|---|"]
+    if summary["bd"]:  # none when only bdcodec ran
+        lines += ["", "| bdcodec | against | BD-rate PSNR % | BD-rate MS-SSIM % | BD-LPIPS |", "|---|---|---|---|---|"]
     for r in summary["bd"]:
         lines.append(f"| {r['codec']} | {r['against']} | {_fmt(r.get('bd_rate_psnr'), '+.1f')} | "
                      f"{_fmt(r.get('bd_rate_msssim'), '+.1f')} | {_fmt(r.get('bd_lpips'), '+.4f')} |")
@@ -798,7 +799,8 @@ def _report(summary) -> str:
             lines.append(f"| {r['codec']} | {r['effort']} | {_fmt(r.get('bd_rate_psnr'), '+.2f')} | "
                          f"{_fmt(r.get('bd_rate_msssim_db'), '+.2f')} | {_fmt(r.get('bd_rate_lpips'), '+.2f')} | "
                          f"{r['enc_s']:.2f} (effort 0: {r['enc_s_effort0']:.2f}) |")
-    lines += ["", "| codec | encode ms/MP | decode ms/MP | entropy-coding share |", "|---|---|---|---|"]
+    if summary["speed"]:
+        lines += ["", "| codec | encode ms/MP | decode ms/MP | entropy-coding share |", "|---|---|---|---|"]
     for r in summary["speed"]:
         lines.append(f"| {r['codec']} | {r['enc_ms_per_mp']:.1f} | {r['dec_ms_per_mp']:.1f} | "
                      f"{_fmt(r.get('entropy_share'), '.1%')} |")

@@ -44,11 +44,11 @@ def main() -> None:
                     rows.append(row)
         except (OSError, ValueError) as exc:
             sys.exit(f"bench-merge: {path}: {exc}")
+    if not rows:
+        sys.exit("bench-merge: no rows in the results given")
     keys = {(r["codec"], r["setting"]) for r in rows}
     images = sorted({r["image"] for r in rows})
     complete = [i for i in images if keys <= {(r["codec"], r["setting"]) for r in rows if r["image"] == i}]
-    if not rows:
-        sys.exit("bench-merge: no rows in the results given")
     if not complete:
         sys.exit("bench-merge: no image has every curve at every setting (" + "; ".join(
             f"{i}: {len({(r['codec'], r['setting']) for r in rows if r['image'] == i})} of {len(keys)}"
@@ -56,13 +56,9 @@ def main() -> None:
     left_out = sorted(set(images) - set(complete))
     rows = [r for r in rows if r["image"] in complete]
     curves = _curves(rows)
-    summary = {"images": len(complete), "folder": f"{len(args.results)} results files", "curves": curves,
-               "bd": [], "effort": _effort_table(curves, rows), "speed": [], "notes": []}
-    # the bench's report, less its tables that have no rows here (BD-rates against baselines, speed)
-    blocks = _report(summary).split("\n\n")
-    print("\n\n".join(b for b in blocks if not (b.startswith("|") and len(b.splitlines()) <= 2)))
-    if left_out:
-        print(f"note: left out, incomplete: {', '.join(left_out)}")
+    notes = [f"left out, incomplete: {', '.join(left_out)}"] if left_out else []
+    print(_report({"images": len(complete), "folder": f"{len(args.results)} results files", "curves": curves,
+                   "bd": [], "effort": _effort_table(curves, rows), "speed": [], "notes": notes}))
     if args.csv:
         try:
             with open(args.csv, "w", newline="") as f:
