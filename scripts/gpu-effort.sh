@@ -23,29 +23,17 @@ budget=${2:-9.3}
 folder=$(realpath -m "${FOLDER:-$(dirname "$0")/../.bench/kodak}")
 lpips=${LPIPS:-$(dirname "$0")/../.bench/alexnet-features-fp16.pth}
 cd "$(dirname "$0")/.." || exit 1  # the repository root: its bdcodec, its scripts
-start=$(date +%s.%N)
-mkdir -p "$out" || exit 1
-exec > >(tee -a "$out/gpu-effort.log") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-left() { python3 -c "import time; print(f'{$budget * 60 - (time.time() - $start):.0f}')"; }
 procs=${PROCS:-6}
 
+[ -d "$folder" ] || { echo "no folder $folder" >&2; exit 1; }
 images=()
 for img in "$folder"/*; do
     case "${img,,}" in *.png) images+=("$img") ;; esac
 done
-[ -d "$folder" ] || { echo "no folder $folder" >&2; exit 1; }
 [ ${#images[@]} -gt 0 ] || { echo "no PNG images in $folder" >&2; exit 1; }
 
-echo "== environment ($(date -u +%FT%TZ))"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/bdcodec-site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/bdcodec-site${PYTHONPATH:+:$PYTHONPATH}
-fi
-command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "import torch, compressai, constriction; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
-    || exit 1
+log=gpu-effort.log
+. scripts/gpu-env.sh
 lpips_args=()
 if [ -f "$lpips" ]; then lpips_args=(--lpips-weights "$lpips"); else echo "no LPIPS weights at $lpips: LPIPS n/a"; fi
 
@@ -72,7 +60,7 @@ for img in "${images[@]}"; do
         --codecs bdcodec --modes fidelity --qualities "${QUALITIES:-0,20,40,50,60,70,80,90}" \
         --efforts "${EFFORTS:-0,9}" --no-speed --device "${DEVICE:-cuda}" ${WEIGHTS:+--weights "$WEIGHTS"} \
         "${lpips_args[@]}" --out "$work/res/$name" > "$work/res/$name.log" 2>&1
-      echo "$name: exit $? after $(python3 -c "import time; print(f'{time.time() - $start:.0f}')") s" ) &
+      echo "$name: exit $? after $(elapsed) s" ) &
     pids+=($!)
 done
 # not a bare wait, which would wait for the log's tee too
@@ -94,5 +82,5 @@ python3 scripts/bench-merge.py --csv "$out/effort.csv" "${done_csv[@]}" > "$out/
 status=$?
 rm -rf "$work"
 cat "$out/effort.md"
-echo "== done in $(python3 -c "import time; print(f'{time.time() - $start:.0f}')") s"
+echo "== done in $(elapsed) s"
 exit $status

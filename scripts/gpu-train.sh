@@ -28,22 +28,8 @@ set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: scripts/gpu-train.sh OUTDIR [MINUTES]" >&2; exit 2; }
 out=$1
 budget=${2:-9.3}
-start=$(date +%s.%N)
-mkdir -p "$out"
-exec > >(tee -a "$out/gpu-train.log") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-left() { python3 -c "import time; print(f'{$budget * 60 - (time.time() - $start):.0f}')"; }
-
-echo "== environment ($(date -u +%FT%TZ))"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/bdcodec-site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/bdcodec-site${PYTHONPATH:+:$PYTHONPATH}
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, numpy, PIL, compressai, constriction; from PIL import features
-print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'numpy', numpy.__version__,
-      'pillow', PIL.__version__, 'avif', features.check('avif'), 'compressai', compressai.__version__)" || exit 1
+log=gpu-train.log
+. scripts/gpu-env.sh
 
 echo "== CUDA tests (beside training; their report follows it)"
 tests_log=/tmp/bdcodec-cuda-tests.txt
@@ -110,4 +96,4 @@ if [ -z "${VARIANTS:-}" ]; then
     done
 fi
 ls -la "$out"
-echo "== done in $(python3 -c "import time; print(f'{time.time() - $start:.0f}')") s"
+echo "== done in $(elapsed) s"
