@@ -54,9 +54,15 @@ DEFAULT_EFFORT = 0
 # +3.8) for at most 0.5 dB less outside than 16.
 DEFAULT_ROI_WEIGHT = 32.0
 ROI_MIN_EFFORT = 2
-# The fit keeps g_s's activations for the backward pass (about 1 GB per megapixel);
-# larger images are coded at effort 0.
-EFFORT_MAX_PIXELS = 2_000_000
+# g_s's activations for the backward pass take about 1 GB per megapixel, so on images of
+# more than one tile the fit takes the distortion tile by tile (FIT_TILE pixels a side and
+# FIT_MARGIN around each, in latent positions x 16, as the decoder's g_s tiles), each tile's
+# forward and backward pass at once; only the entropy model sees the whole latent, and it
+# keeps only each chunk's inputs and outputs for the backward pass (about 0.2 GB per
+# megapixel).  Larger images than EFFORT_MAX_PIXELS are coded at effort 0.
+FIT_TILE = 1024
+FIT_MARGIN = 64
+EFFORT_MAX_PIXELS = 16_000_000
 # Gradient descent with the gradient scaled to unit RMS, so that a step moves a typical
 # latent element by LEARNING_RATE (cosine decay to 0 over the run) and the elements with
 # the largest gradients (those near a rounding boundary that matters) by more.  On
@@ -151,11 +157,25 @@ def refine_latent(model, x: torch.Tensor, y: torch.Tensor, psi: torch.Tensor, le
             return model.g_s((y_hat * g_in).to(device, memory_format=layout)).float()
 
     threads = torch.get_num_threads()
+    tiles = _fit_tiles(*var.shape[-2:], FIT_TILE // 16, FIT_MARGIN // 16)
+    if tiles is not None:  # a large image: the entropy model keeps less for its backward pass
+        entropy = functools.partial(entropy, checkpoint=True)
 
     def distortion(y_hat):
         """The distortion term of what the decoder makes of the (rounded or relaxed) latent."""
-        x_bar = _threaded(y_hat, synthesis, threads)
-        return lam * ((x_bar - x).square() * weight).mean() if dct is None else dct(x_bar) / pixels
+        if tiles is None:
+            x_bar = _threaded(y_hat, synthesis, threads)
+            return lam * ((x_bar - x).square() * weight).mean() if dct is None else dct(x_bar) / pixels
+        return _tiled_loss(y_hat, tile_distortion, tiles, threads)
+
+    def tile_distortion(y_part, tile):
+        """The distortion term over one tile's centre, from the latent of the tile and its margin."""
+        (a0, b0), (i0, i1, j0, j1) = tile[1], tile[0]
+        x_bar = synthesis(y_part)[..., (i0 - a0) * 16 : (i1 - a0) * 16, (j0 - b0) * 16 : (j1 - b0) * 16]
+        rows, cols = slice(i0 * 16, i1 * 16), slice(j0 * 16, j1 * 16)
+        if dct is not None:
+            return dct(x_bar, rows, cols) / pixels
+        return lam * ((x_bar - x[..., rows, cols]).square() * weight[..., rows, cols]).sum() / x.numel()
 
     # Only g_s runs on every thread (its convolutions give the same sums on any number of
     # threads); the entropy model, the costs and the steps run on one (the entropy model's
@@ -212,6 +232,64 @@ def _fit_ste(entropy, y, var, psi, pixels, distortion, steps, gen, lr):
             var.grad /= var.grad.square().mean().sqrt().clamp(min=1e-12)  # a step of lr per RMS gradient
             opt.step()
     return best
+
+
+def _fit_tiles(h: int, w: int, tile: int, margin: int) -> list | None:
+    """The tiles of an (h, w) latent for the fit's distortion: ((i0, i1, j0, j1) centre, (a0, b0) corner of
+    the centre with its margin, (a1, b1) far corner); None where the latent is one tile."""
+    if h <= tile + 2 * margin and w <= tile + 2 * margin:
+        return None
+    out = []
+    for i0 in range(0, h, tile):
+        for j0 in range(0, w, tile):
+            i1, j1 = min(i0 + tile, h), min(j0 + tile, w)
+            out.append(((i0, i1, j0, j1), (max(i0 - margin, 0), max(j0 - margin, 0)),
+                        (min(i1 + margin, h), min(j1 + margin, w))))
+    return out
+
+
+def _tiled_loss(y_hat, fn, tiles, threads: int):
+    """The sum over ``tiles`` of ``fn(part of y_hat, tile)``, a scalar that backpropagates into ``y_hat``.
+
+    With gradients on, each tile's forward and backward pass run at once and only its gradient is
+    kept, so memory holds one tile's activations; the tiles' margins overlap and their gradients add."""
+    import torch
+
+    def part(t, tile):
+        (a0, b0), (a1, b1) = tile[1], tile[2]
+        return t[..., a0:a1, b0:b1]
+
+    if not torch.is_grad_enabled() or not y_hat.requires_grad:
+        with _threads(threads):
+            return sum(fn(part(y_hat, tile), tile) for tile in tiles)
+    return _tiled_loss_function()(y_hat, fn, tiles, threads, part)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiled_loss_function():
+    import torch
+
+    class TiledLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y_hat, fn, tiles, threads, part):
+            grad = torch.zeros_like(y_hat)
+            total = y_hat.new_zeros(())
+            for tile in tiles:
+                with torch.enable_grad(), _threads(threads):
+                    leaf = part(y_hat, tile).detach().requires_grad_(True)
+                    loss = fn(leaf, tile)
+                    loss.backward()
+                part(grad, tile).add_(leaf.grad)
+                total = total + loss.detach()
+            ctx.save_for_backward(grad)
+            return total
+
+        @staticmethod
+        def backward(ctx, g):
+            (grad,) = ctx.saved_tensors
+            return g * grad, None, None, None, None
+
+    return TiledLoss.apply
 
 
 def _threads(n: int):
@@ -334,16 +412,24 @@ class _DctCost:
         scale = height * width / (x.shape[-1] * x.shape[-2])
         self.block_weight = torch.nn.functional.avg_pool2d(weight * scale, 8).unsqueeze(1)
 
-    def __call__(self, x_bar):
+    def __call__(self, x_bar, rows: slice = slice(None), cols: slice = slice(None)):
+        """The cost of ``x_bar``, which covers the image's ``rows`` and ``cols`` (whole 8x8 blocks)."""
         import torch
 
-        r = torch.einsum("ck,bkhw->bchw", self.ycc, (self.x - x_bar) * 255 * self.inside)
+        r = (self.x[..., rows, cols] - x_bar) * 255 * self.inside[..., rows, cols]
+        r = torch.einsum("ck,bkhw->bchw", self.ycc, r)
         b, c, h, w = r.shape
         coef = torch.nn.functional.conv2d(r.reshape(b * c, 1, h, w), self.basis, stride=8)
         a = coef.reshape(b, c, 64, h // 8, w // 8) / self.steps
         zeroed = (a.abs() < self.dead_zone).detach()
         cost = torch.where(zeroed, self.price * a.square(), torch.log2(2 * a.abs() + 1e-6) + 2)
-        return (cost * self.block_weight).sum()
+        blocks = self.block_weight[..., _blocks(rows), _blocks(cols)]
+        return (cost * blocks).sum()
+
+
+def _blocks(pixels: slice) -> slice:
+    """The 8x8 blocks of a slice of pixels that starts and stops on block edges."""
+    return slice(None if pixels.start is None else pixels.start // 8, None if pixels.stop is None else pixels.stop // 8)
 
 
 def x_layout(x):

@@ -248,11 +248,11 @@ def _rdo_quantize(a: np.ndarray, bands: np.ndarray, pbyte: np.ndarray, tbyte: np
     p = np.where(pbyte > 0, pbyte, 1)[bands] / 256
     zero_bits = np.where(pbyte[bands] > 0, -np.log2(1 - p), 0.0)
     one_bits = -np.log2(p) + 1  # significance and sign
-    mag_bits = _MAG_BITS[tbyte[bands]]  # (3, blocks, 64, MAG)
+    table = tbyte[bands]  # each coefficient's row of _MAG_BITS (not the rows themselves: MAG x the memory)
 
     def cost(level: np.ndarray) -> np.ndarray:
         m = np.abs(level)
-        extra = np.take_along_axis(mag_bits, np.minimum(np.maximum(m - 1, 0), MAG - 1)[..., None], -1)[..., 0]
+        extra = _MAG_BITS[table, np.minimum(np.maximum(m - 1, 0), MAG - 1)]
         bits = np.where(m == 0, zero_bits, one_bits + extra + np.where(m - 1 >= MAG - 1, ESC_BITS, 0))
         return weight * (a - level) ** 2 + lam * bits
 

@@ -99,6 +99,56 @@ def test_fitted_files_do_not_depend_on_the_thread_count(crop, monkeypatch):
             two.encode(small, quality=quality, mode="fidelity", effort=effort), (quality, effort)
 
 
+def test_tiled_loss_gives_the_whole_images_loss_and_gradient():
+    """The fit's distortion on images of several tiles: each tile's centre from the tile and its margin,
+    summed, with the gradients of the overlapping margins added; a margin wider than the network's reach
+    gives what the whole image does."""
+    import torch
+
+    from bdcodec.effort import _fit_tiles, _tiled_loss
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(8, 3, 3, padding=1))
+    target = torch.randn(1, 3, 21, 30)
+
+    def loss(part, tile):
+        (i0, i1, j0, j1), (a0, b0) = tile[0], tile[1]
+        out = net(part)[..., i0 - a0 : i1 - a0, j0 - b0 : j1 - b0]
+        return (out - target[..., i0:i1, j0:j1]).square().sum()
+
+    tiles = _fit_tiles(21, 30, 8, 2)
+    assert len(tiles) == 12 and _fit_tiles(12, 12, 8, 2) is None
+    y = torch.randn(1, 4, 21, 30, requires_grad=True)
+    whole = (net(y) - target).square().sum()
+    (g_whole,) = torch.autograd.grad(whole, y)
+    tiled = _tiled_loss(y * 1.0, loss, tiles, 1)
+    (g_tiled,) = torch.autograd.grad(tiled, y)
+    assert abs(tiled.item() - whole.item()) < 1e-4 * whole.item()
+    assert torch.allclose(g_tiled, g_whole, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert abs(_tiled_loss(y, loss, tiles, 1).item() - whole.item()) < 1e-4 * whole.item()
+
+
+@pytest.mark.parametrize("quality", [0.0, 60.0])  # 60: the distortion is the refinement layer's (per 8x8 block)
+def test_images_of_several_tiles_are_fitted_tile_by_tile(codec, crop, quality, monkeypatch):
+    """Large images (here, small tiles) take the fit's distortion tile by tile and the entropy model's
+    backward pass from checkpoints: the fit still lowers the cost, deterministically."""
+    from bdcodec import effort
+
+    monkeypatch.setattr(effort, "FIT_TILE", 128)
+    monkeypatch.setattr(effort, "FIT_MARGIN", 32)
+    calls = []
+    tiled = effort._tiled_loss
+    monkeypatch.setattr(effort, "_tiled_loss", lambda *a: calls.append(1) or tiled(*a))
+    small = np.ascontiguousarray(crop[:192, :256])
+    level, _ = codec.plan(quality, "fidelity")
+    plain = codec.encode(small, quality=quality, mode="fidelity")
+    fitted = codec.encode(small, quality=quality, mode="fidelity", effort=2)
+    assert calls
+    assert codec.encode(small, quality=quality, mode="fidelity", effort=2) == fitted
+    assert _cost(codec, small, fitted, level) < _cost(codec, small, plain, level)
+
+
 def _layer_cost(codec, pixels, data, step):
     """Squared error + lambda x bits at the refinement layer's exchange rate (what the plan is chosen by)."""
     from bdcodec import refine
@@ -208,6 +258,22 @@ def test_cli_effort_and_roi(run, shared_codec, tmp_path):
     res = run("encode", png, tmp_path / "a.bdc", "--effort", 2, "--roi", mask, "--roi-weight", 4, "-q", 60)
     assert res.exit_code == 0, res.output
     assert run("decode", tmp_path / "a.bdc", tmp_path / "a.out.png").exit_code == 0
+
+
+def test_images_above_the_fits_limit_are_coded_at_effort_0_with_a_warning(run, shared_codec, tmp_path, monkeypatch):
+    import bdcodec.cli
+    import bdcodec.codec
+
+    png = tmp_path / "a.png"
+    px = np.asarray(Image.open(ROOT / "examples" / "kodim23.png").convert("RGB"))[64:128, 160:256]
+    Image.fromarray(np.ascontiguousarray(px)).save(png)
+    assert run("encode", png, tmp_path / "e0.bdc", "-q", 20, "--tune", "fidelity").exit_code == 0
+    for module in (bdcodec.cli, bdcodec.codec):
+        monkeypatch.setattr(module, "EFFORT_MAX_PIXELS", 64 * 96 - 1)
+    res = run("encode", png, tmp_path / "e2.bdc", "-q", 20, "--tune", "fidelity", "--effort", 2)
+    assert res.exit_code == 0, res.output
+    assert "the latent is not fitted (effort 0)" in res.output
+    assert (tmp_path / "e2.bdc").read_bytes() == (tmp_path / "e0.bdc").read_bytes()
 
 
 def test_cli_refuses_bad_effort_and_roi_before_any_model_work(run, no_model, tmp_path):
