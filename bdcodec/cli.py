@@ -678,7 +678,8 @@ def main():
                    "--tune fidelity, above quality 50) refinement levels chosen by rate and distortion and a "
                    "choice between rate plans per file, compared after a short fit from 7 up (more: smaller "
                    "files or higher PSNR, slower encodes; any effort decodes the same way). Perceptual files "
-                   "below quality 16.5 are not fitted. See the README's table.")
+                   f"below quality 16.5, and images above {EFFORT_MAX_PIXELS // 1_000_000} MP, are not fitted. "
+                   "See the README's table.")
 @click.option("--roi", "roi_path", type=click.Path(dir_okay=False), default=None, metavar="MASK",
               help="Region of interest: a grayscale image of the input's size, white = important. Its squared "
                    "error counts --roi-weight times more, so it gets more of the bits (effort at least "
