@@ -260,6 +260,67 @@ def test_cli_effort_and_roi(run, shared_codec, tmp_path):
     assert run("decode", tmp_path / "a.bdc", tmp_path / "a.out.png").exit_code == 0
 
 
+def test_the_fit_runs_the_entropy_model_band_by_band_as_the_coder_does(codec):
+    """On banded latents the fit's entropy model sees each band alone, forward and backward on a thread
+    of its own: the same values and gradients as the bands run one after the other, also with the
+    annealed rounding, whose random numbers are drawn first."""
+    import torch
+
+    from bdcodec.effort import _banded, _sga_rounding
+
+    ent = codec.model.entropy
+    gen = torch.Generator().manual_seed(0)
+    y = (torch.randn(1, ent.M, 16, 12, generator=gen) * 3).requires_grad_(True)
+    psi = torch.randn(1, 2 * codec.model.cfg.hyper_N, 16, 12, generator=gen)  # h_s gives 2 x hyper_N channels
+    bands = [(0, 8), (8, 16)]
+    for sga in (False, True):
+        rounding = _sga_rounding(0.3, torch.Generator().manual_seed(1)) if sga else None
+        out = _banded(ent, ent.chunks, bands, 2)(y, psi, rounding)
+        loss = sum((o * (k + 1)).square().sum() for k, o in enumerate(out))
+        (grad,) = torch.autograd.grad(loss, y)
+        # the same bands, one after the other; an annealed rounding draws each band's numbers as rows of the whole
+        rounding = _sga_rounding(0.3, torch.Generator().manual_seed(1)) if sga else None
+        draws = [rounding.draw((1, c, 16, 12)) for c in ent.chunks for _ in range(2)] if sga else None
+        parts = []
+        for r0, r1 in bands:
+            taken = iter(draws or [])
+            rnd = (lambda r, r0=r0, r1=r1, taken=taken: rounding(r, next(taken)[..., r0:r1, :])) if sga else None
+            parts.append(ent(y[..., r0:r1, :], psi[..., r0:r1, :], rnd))
+        ref = [torch.cat([p[i] for p in parts], 2) for i in range(3)]
+        ref_loss = sum((o * (k + 1)).square().sum() for k, o in enumerate(ref))
+        (ref_grad,) = torch.autograd.grad(ref_loss, y)
+        for a, b in zip(out, ref):
+            assert torch.equal(a, b)
+        assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-6) and grad.abs().sum() > 0
+
+
+def test_banded_fits_do_not_depend_on_the_thread_count(crop, monkeypatch):
+    """A latent coded in bands (here, small bands and tiles forced) is fitted band by band: files made
+    with 1 and 2 threads are the same bytes, straight-through and annealed, and cost less than effort 0."""
+    import bdcodec.codec as cc
+    from bdcodec import effort
+    from bdcodec.codec import Codec
+
+    monkeypatch.setattr(cc, "BAND_AREA", 64)
+    monkeypatch.setattr(cc, "BAND_MIN_ROWS", 8)
+    monkeypatch.setattr(effort, "FIT_TILE", 128)
+    monkeypatch.setattr(effort, "FIT_MARGIN", 32)
+    monkeypatch.setattr(cc, "EFFORT_STEPS", (0, 2, 4, 6, 8, 12, 16, 6, 96, 192))
+    calls = []
+    banded = effort._banded
+    monkeypatch.setattr(effort, "_banded", lambda *a: calls.append(1) or banded(*a))
+    one, two = Codec(device="cpu", threads=1), Codec(device="cpu", threads=2)
+    small = np.ascontiguousarray(crop[:, :256])
+    for quality, level_effort in ((0.0, 2), (0.0, 7)):
+        level, _ = two.plan(quality, "fidelity")
+        fitted = two.encode(small, quality=quality, mode="fidelity", effort=level_effort)
+        assert one.encode(small, quality=quality, mode="fidelity", effort=level_effort) == fitted
+        assert len(container.unpack(fitted)[1].bands) == 2
+        plain = two.encode(small, quality=quality, mode="fidelity")
+        assert _cost(two, small, fitted, level) < _cost(two, small, plain, level)
+    assert calls
+
+
 def test_images_above_the_fits_limit_are_coded_at_effort_0_with_a_warning(run, shared_codec, tmp_path, monkeypatch):
     import bdcodec.cli
     import bdcodec.codec
