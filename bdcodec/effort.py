@@ -219,11 +219,12 @@ def _fit_ste(entropy, y, var, psi, pixels, distortion, steps, gen, lr):
     best, best_loss = y, math.inf
     with torch.enable_grad():
         for i in range(steps + 1):
-            y_hat, mu, sigma = entropy(var, psi)
-            noise = torch.rand(var.shape, generator=gen).to(var.device) - 0.5
-            rate = _bits(var + noise - mu, sigma) / pixels
-            shown = distortion(y_hat)
-            loss = rate + shown
+            with torch.set_grad_enabled(i < steps):  # the last pass is only scored
+                y_hat, mu, sigma = entropy(var, psi)
+                noise = torch.rand(var.shape, generator=gen).to(var.device) - 0.5
+                rate = _bits(var + noise - mu, sigma) / pixels
+                shown = distortion(y_hat)
+                loss = rate + shown
             # the step whose rounded latent scores best is kept (the loss uses the rounded
             # latent for distortion; its rate term is a noisy estimate of the coded rate)
             with torch.no_grad():
@@ -309,11 +310,15 @@ def _banded(entropy, chunks, bands, workers: int):
 
     import torch
 
+    from .codec import _trim_heap  # imported here: the codec imports this module
+
     def each(fn, n):
         if workers <= 1 or n <= 1:
             return [fn(k) for k in range(n)]
         with concurrent.futures.ThreadPoolExecutor(min(workers, n)) as pool:
-            return list(pool.map(fn, range(n)))
+            out = list(pool.map(fn, range(n)))
+        _trim_heap()  # what the threads freed, back to the system
+        return out
 
     def roundings(var, rounding):
         if rounding is None:

@@ -1,5 +1,7 @@
 """Encoder effort (latent fitting) and regions of interest."""
 
+import functools
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -127,6 +129,23 @@ def test_tiled_loss_gives_the_whole_images_loss_and_gradient():
     assert torch.allclose(g_tiled, g_whole, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         assert abs(_tiled_loss(y, loss, tiles, 1).item() - whole.item()) < 1e-4 * whole.item()
+
+
+def test_the_refinement_layers_cost_adds_up_over_tiles():
+    """Above quality 50 the fit's distortion is what the refinement layer makes of the residual, per 8x8
+    block; on tiles of whole blocks, with a region of interest, the tiles' costs sum to the whole's."""
+    import torch
+
+    from bdcodec.effort import _DctCost
+
+    gen = torch.Generator().manual_seed(0)
+    x, x_bar = torch.rand(1, 3, 64, 96, generator=gen), torch.rand(1, 3, 64, 96, generator=gen)
+    weight = torch.rand(1, 1, 64, 96, generator=gen) + 0.5
+    cost = _DctCost(x, 3.0, weight, 60, 90)  # an image of 90 x 60 inside the padding
+    whole = cost(x_bar)
+    parts = sum(cost(x_bar[..., i : i + 16, j : j + 32], slice(i, i + 16), slice(j, j + 32))
+                for i in range(0, 64, 16) for j in range(0, 96, 32))
+    assert abs(parts.item() - whole.item()) < 1e-5 * abs(whole.item())
 
 
 @pytest.mark.parametrize("quality", [0.0, 60.0])  # 60: the distortion is the refinement layer's (per 8x8 block)
@@ -273,9 +292,16 @@ def test_the_fit_runs_the_entropy_model_band_by_band_as_the_coder_does(codec):
     y = (torch.randn(1, ent.M, 16, 12, generator=gen) * 3).requires_grad_(True)
     psi = torch.randn(1, 2 * codec.model.cfg.hyper_N, 16, 12, generator=gen)  # h_s gives 2 x hyper_N channels
     bands = [(0, 8), (8, 16)]
+    checkpointed = functools.partial(ent, checkpoint=True)
     for sga in (False, True):
+        # one band is the whole latent: the same numbers as the whole-latent pass, random draws included
         rounding = _sga_rounding(0.3, torch.Generator().manual_seed(1)) if sga else None
-        out = _banded(ent, ent.chunks, bands, 2)(y, psi, rounding)
+        whole = ent(y, psi, rounding)
+        rounding = _sga_rounding(0.3, torch.Generator().manual_seed(1)) if sga else None
+        for a, b in zip(_banded(checkpointed, ent.chunks, [(0, 16)], 2)(y, psi, rounding), whole):
+            assert torch.equal(a, b)
+        rounding = _sga_rounding(0.3, torch.Generator().manual_seed(1)) if sga else None
+        out = _banded(checkpointed, ent.chunks, bands, 2)(y, psi, rounding)
         loss = sum((o * (k + 1)).square().sum() for k, o in enumerate(out))
         (grad,) = torch.autograd.grad(loss, y)
         # the same bands, one after the other; an annealed rounding draws each band's numbers as rows of the whole
