@@ -57,9 +57,10 @@ ROI_MIN_EFFORT = 2
 # g_s's activations for the backward pass take about 1 GB per megapixel, so on images of
 # more than one tile the fit takes the distortion tile by tile (FIT_TILE pixels a side and
 # FIT_MARGIN around each, in latent positions x 16, as the decoder's g_s tiles), each tile's
-# forward and backward pass at once; only the entropy model sees the whole latent, and it
-# keeps only each chunk's inputs and outputs for the backward pass (about 0.2 GB per
-# megapixel).  Larger images than EFFORT_MAX_PIXELS are coded at effort 0.
+# forward and backward pass at once.  The entropy model keeps only each chunk's inputs and
+# outputs for its backward pass (about 0.2 GB per megapixel), and on a latent the coder splits
+# into bands it runs band by band as the coder does (see ``_banded``).  3000x2000 at quality 40,
+# effort 1: 38 s and 2.3 GB on 2 cores.  Larger images than EFFORT_MAX_PIXELS are coded at effort 0.
 FIT_TILE = 1024
 FIT_MARGIN = 64
 EFFORT_MAX_PIXELS = 16_000_000
