@@ -50,6 +50,8 @@ DIAGONALS = 2 * BLOCK - 1
 MAG = 24  # magnitude alphabet: 0 .. MAG-2 literal, MAG-1 escape
 ESC_BITS = 12
 RDO_PASSES = 2
+RDO_BLOCKS = 16384  # blocks per slice of the RDO's choices (bounds its temporaries)
+CODE_PART = 1 << 20  # symbols per call to the coder where each has a model of its own
 # The price of a bit in squared luma steps of error, for choices made by rate and
 # distortion (``encode(rdo=)``, and the encoder's latent fit, which prices the error the
 # layer leaves the same way).
@@ -243,25 +245,31 @@ def _rdo_quantize(a: np.ndarray, bands: np.ndarray, pbyte: np.ndarray, tbyte: np
     the one with the least ``weight * (a - level)^2 + lam * bits``, the bits counted
     under the band models ``pbyte``/``tbyte`` fitted to the current levels (a dead band is priced
     as if it held one coefficient in 256).  Decoders need nothing of this: the levels
-    are coded as any others.
+    are coded as any others.  Each coefficient's choice is its own, so the blocks go
+    RDO_BLOCKS at a time (the temporaries of a whole 16 MP image took 5 GB).
     """
-    p = np.where(pbyte > 0, pbyte, 1)[bands] / 256
-    zero_bits = np.where(pbyte[bands] > 0, -np.log2(1 - p), 0.0)
+    p = np.where(pbyte > 0, pbyte, 1) / 256
+    zero_bits = np.where(pbyte > 0, -np.log2(1 - p), 0.0)
     one_bits = -np.log2(p) + 1  # significance and sign
-    table = tbyte[bands]  # each coefficient's row of _MAG_BITS (not the rows themselves: MAG x the memory)
+    out = np.empty(a.shape, dtype=np.int32)
+    for b0 in range(0, a.shape[1], RDO_BLOCKS):
+        part = slice(b0, b0 + RDO_BLOCKS)
+        band = bands[:, part]
+        w = weight[:, part] if weight.shape[1] > 1 else weight
+        table = tbyte[band]  # each coefficient's row of _MAG_BITS (not the rows themselves: MAG x the memory)
 
-    def cost(level: np.ndarray) -> np.ndarray:
-        m = np.abs(level)
-        extra = _MAG_BITS[table, np.minimum(np.maximum(m - 1, 0), MAG - 1)]
-        bits = np.where(m == 0, zero_bits, one_bits + extra + np.where(m - 1 >= MAG - 1, ESC_BITS, 0))
-        return weight * (a - level) ** 2 + lam * bits
+        def cost(level: np.ndarray) -> np.ndarray:
+            m = np.abs(level)
+            extra = _MAG_BITS[table, np.minimum(np.maximum(m - 1, 0), MAG - 1)]
+            bits = np.where(m == 0, zero_bits[band], one_bits[band] + extra + np.where(m - 1 >= MAG - 1, ESC_BITS, 0))
+            return w * (a[:, part] - level) ** 2 + lam * bits
 
-    near = np.round(a).astype(np.int32)
-    lower = near - np.sign(near).astype(np.int32)
-    cands = (near, lower, np.zeros_like(near))
-    costs = np.stack([cost(c) for c in cands])
-    choice = costs.argmin(0)
-    return np.choose(choice, cands).astype(np.int32)
+        near = np.round(a[:, part]).astype(np.int32)
+        lower = near - np.sign(near).astype(np.int32)
+        cands = (near, lower, np.zeros_like(near))
+        costs = np.stack([cost(c) for c in cands])
+        out[:, part] = np.choose(costs.argmin(0), cands)
+    return out
 
 
 def quantize(coef: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -333,11 +341,27 @@ def encode(residual: np.ndarray, step: float, activity: np.ndarray, chroma: floa
         coder.encode_reverse((nzq < 0).astype(np.int32), _SIGN)
         if esc.any():
             coder.encode_reverse((mag[esc] - (MAG - 1)).astype(np.int32), _ESCAPE)
-        coder.encode_reverse(np.minimum(mag, MAG - 1).astype(np.int32), _CATEGORICAL, _MAG_P[tbyte[nzb]])
+        _encode_in_parts(coder, np.minimum(mag, MAG - 1).astype(np.int32), _CATEGORICAL,
+                         lambda part: _MAG_P[tbyte[nzb[part]]])
     if sig.size:
-        coder.encode_reverse(sig, _BERNOULLI, pbyte[flat_b[live]] / 256)
+        live_b = flat_b[live]
+        _encode_in_parts(coder, sig, _BERNOULLI, lambda part: pbyte[live_b[part]] / 256)
     words = coder.get_compressed().astype("<u4").tobytes()
     return bytes(head) + words, Refinement(q, steps, h, w)
+
+
+def _encode_in_parts(coder, symbols: np.ndarray, family, params) -> None:
+    """``coder.encode_reverse(symbols, family, params(all))``, CODE_PART symbols a call: the same stream
+    (a stack coder takes the parts last first), without the whole image's model parameters at once
+    (the magnitudes' are MAG floats a symbol)."""
+    for s0 in reversed(range(0, symbols.size, CODE_PART)):
+        part = slice(s0, s0 + CODE_PART)
+        coder.encode_reverse(symbols[part], family, params(part))
+
+
+def _decode_in_parts(coder, n: int, family, params) -> np.ndarray:
+    """``n`` symbols that :func:`_encode_in_parts` coded, decoded CODE_PART a call."""
+    return np.concatenate([coder.decode(family, params(slice(s0, s0 + CODE_PART))) for s0 in range(0, n, CODE_PART)])
 
 
 # -- decoder ----------------------------------------------------------------------------------
@@ -387,10 +411,11 @@ def decode(payload: bytes, height: int, width: int, activity: np.ndarray) -> Ref
         coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload[pos:], dtype="<u4").astype(np.uint32))
         live = np.flatnonzero(pbyte[flat_b] > 0)
         if live.size:
-            sig = coder.decode(_BERNOULLI, pbyte[flat_b[live]] / 256)
+            sig = _decode_in_parts(coder, live.size, _BERNOULLI, lambda part: pbyte[flat_b[live[part]]] / 256)
             nz = live[sig.astype(bool)]
             if nz.size:
-                mag = coder.decode(_CATEGORICAL, _MAG_P[tbyte[flat_b[nz]]]).astype(np.int64)
+                mag = _decode_in_parts(coder, nz.size, _CATEGORICAL,
+                                       lambda part: _MAG_P[tbyte[flat_b[nz[part]]]]).astype(np.int64)
                 esc = mag == MAG - 1
                 if esc.any():
                     mag[esc] += coder.decode(_ESCAPE, int(esc.sum()))

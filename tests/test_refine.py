@@ -86,6 +86,23 @@ def test_encoding_is_deterministic():
     assert refine.encode(r, 6.0, act)[0] == refine.encode(r.copy(), 6.0, act.copy())[0]
 
 
+@pytest.mark.parametrize("rdo", [0.0, refine.RDO_PRICE])
+def test_large_layers_are_coded_and_chosen_in_parts(rdo, monkeypatch):
+    """Large images code their symbols and choose their RDO levels a part at a time (bounded memory):
+    the payload is the same bytes as in one go, and it decodes the same."""
+    rng = np.random.default_rng(7)
+    r = _residual(rng, 64, 96, scale=12.0)
+    act = _activity(rng, 64, 96)
+    weight = rng.random(-(-64 // 8) * -(-96 // 8)) + 0.5
+    whole, sent = refine.encode(r, 3.0, act, rdo=rdo, block_weight=weight if rdo else None)
+    monkeypatch.setattr(refine, "CODE_PART", 1000)
+    monkeypatch.setattr(refine, "RDO_BLOCKS", 7)
+    parts, _ = refine.encode(r, 3.0, act, rdo=rdo, block_weight=weight if rdo else None)
+    assert parts == whole
+    assert np.count_nonzero(sent.q) > 2 * refine.CODE_PART  # several parts of magnitudes, and of significance
+    assert np.array_equal(refine.decode(whole, 64, 96, act).q, sent.q)
+
+
 def test_malformed_payloads_are_refused():
     rng = np.random.default_rng(4)
     act = _activity(rng, 32, 32)
