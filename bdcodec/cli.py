@@ -707,10 +707,14 @@ def encode(paths, quality, target_bpp, tune, effort, roi_path, roi_weight, weigh
             roi_size = probe_image(roi_path, f"--roi mask {roi_path}", oriented=True)
         except BdcError as exc:
             raise click.UsageError(str(exc)) from None
+    ui = _Terminal(quiet)
+    if roi_path is not None and effort < ROI_MIN_EFFORT and \
+            ctx.get_parameter_source("effort") != click.core.ParameterSource.DEFAULT:
+        ui.warn(f"--roi fits the latent: effort {ROI_MIN_EFFORT} instead of {effort}")
     steps = (_encode_steps, dict(quality=quality, target_bpp=target_bpp, tune=tune, max_pixels=max_pixels,
                                  force=force, effort=effort, roi_path=roi_path, roi_weight=roi_weight,
                                  roi_size=roi_size))
-    _run(_Terminal(quiet), jobs, force, steps, weights, device, threads, verbose, workers)
+    _run(ui, jobs, force, steps, weights, device, threads, verbose, workers)
 
 
 def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, effort=DEFAULT_EFFORT,

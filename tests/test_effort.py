@@ -276,7 +276,13 @@ def test_cli_effort_and_roi(run, shared_codec, tmp_path):
     Image.fromarray(((_mask(None)[:128, :192]) * 255).astype(np.uint8)).save(mask)
     res = run("encode", png, tmp_path / "a.bdc", "--effort", 2, "--roi", mask, "--roi-weight", 4, "-q", 60)
     assert res.exit_code == 0, res.output
+    assert "instead of" not in res.output
     assert run("decode", tmp_path / "a.bdc", tmp_path / "a.out.png").exit_code == 0
+    # an ROI fits the latent: an effort asked for below that says so, and gives the same file
+    res = run("encode", png, tmp_path / "b.bdc", "-e", 0, "--roi", mask, "--roi-weight", 4, "-q", 60)
+    assert res.exit_code == 0, res.output
+    assert "--roi fits the latent: effort 2 instead of 0" in res.output
+    assert (tmp_path / "b.bdc").read_bytes() == (tmp_path / "a.bdc").read_bytes()
 
 
 def test_the_fit_runs_the_entropy_model_band_by_band_as_the_coder_does(codec):
