@@ -233,6 +233,18 @@ def _tiled(fn, x: torch.Tensor, scale: float, tile: int, margin: int, progress: 
     return out
 
 
+def _thread_map(fn, items: list, workers: int) -> list:
+    """``[fn(item) for item in items]``, up to ``workers`` at once on threads (the caller holds torch to the
+    threads each may use); the heaps the threads freed go back to the system after."""
+    workers = min(workers, len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        out = list(pool.map(fn, items))
+    _trim_heap()
+    return out
+
+
 def _one_tile(h: int, w: int, tile: int, margin: int) -> bool:
     """Whether :func:`_tiled` takes an (h, w) input whole."""
     return h <= tile + 2 * margin and w <= tile + 2 * margin
@@ -648,13 +660,7 @@ class Codec:
     def _band_map(self, fn, bands: list[tuple[int, int]]) -> list:
         """``fn(band)`` for every latent band, on up to ``threads`` threads at once (torch runs each
         band's operators on the thread that calls them: the caller holds torch to one thread)."""
-        workers = min(self.threads, len(bands))
-        if workers <= 1:
-            return [fn(band) for band in bands]
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            out = list(pool.map(fn, bands))
-        _trim_heap()
-        return out
+        return _thread_map(fn, bands, self.threads)
 
     def _encode_latent(self, y: torch.Tensor, hyper: tuple[bytes, torch.Tensor] | None = None
                        ) -> tuple[Streams, torch.Tensor, np.ndarray]:

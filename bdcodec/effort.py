@@ -307,19 +307,12 @@ def _banded(entropy, chunks, bands, workers: int):
     the rate the file will have, and a band's arithmetic does not depend on how many run at once.  The
     random numbers of a relaxed rounding are drawn first, in the order a pass over the whole latent
     draws them, and each band takes its rows."""
-    import concurrent.futures
-
     import torch
 
-    from .codec import _trim_heap  # imported here: the codec imports this module
+    from .codec import _thread_map  # imported here: the codec imports this module
 
     def each(fn, n):
-        if workers <= 1 or n <= 1:
-            return [fn(k) for k in range(n)]
-        with concurrent.futures.ThreadPoolExecutor(min(workers, n)) as pool:
-            out = list(pool.map(fn, range(n)))
-        _trim_heap()  # what the threads freed, back to the system
-        return out
+        return _thread_map(fn, list(range(n)), workers)
 
     def roundings(var, rounding):
         if rounding is None:
