@@ -244,6 +244,32 @@ class LaplacianEntropyModel(nn.Module):
         mu, sigma = self.g_ep[j](torch.cat(parts, 1)).chunk(2, 1)
         return mu, sigma
 
+    def hyper_terms(self, psi: torch.Tensor) -> "HyperTerms":
+        """What each chunk's parameter network makes of ``psi`` alone, for a fixed ``psi``.
+
+        ``forward(y, hyper_terms(psi))`` gives what ``forward(y, psi)`` gives, up to float rounding,
+        with about half the arithmetic of g_ep: its first layer over psi is taken once here, over the
+        channel context once per chunk, and each pass's parameters only where that pass codes (g_ep is
+        pointwise).  The encoder's latent fit, where z (and so psi) is fixed, runs the model this way;
+        coding always takes :meth:`chunk_params`.
+        """
+        n = psi.shape[1]
+        return HyperTerms(F.conv2d(psi, ep[0].weight[:, -n:], ep[0].bias) for ep in self.g_ep)
+
+    def _fixed_params(self, j: int, base: torch.Tensor, y_anchor: torch.Tensor | None) -> torch.Tensor:
+        """g_ep of chunk ``j`` from ``base`` (its first layer over psi and the channel context), at the
+        anchors (``y_anchor`` None) or at the non-anchors, zeros elsewhere: a (b, 2c, h, w) map."""
+        if y_anchor is not None:
+            ctx = [self.g_ls[j](y_anchor)] + ([self.g_gs[j](y_anchor)] if self.global_context else [])
+            base = base + F.conv2d(torch.cat(ctx, 1), self.g_ep[j][0].weight[:, : 2 * len(ctx) * self.chunks[j]])
+        h, w = base.shape[-2:]
+        even = F.pad(base, (0, w % 2, 0, h % 2))
+        s = int(y_anchor is not None)  # anchors: even rows from column 0, odd rows from 1; non-anchors: 1, 0
+        out = self.g_ep[j][1:](torch.cat([even[..., 0::2, s::2], even[..., 1::2, 1 - s :: 2]], -1))
+        full = out.new_zeros(out.shape[:2] + even.shape[-2:])
+        full[..., 0::2, s::2], full[..., 1::2, 1 - s :: 2] = out.chunk(2, -1)
+        return full[..., :h, :w]
+
     def forward(self, y: torch.Tensor, psi: torch.Tensor, rounding=None, checkpoint: bool = False):
         """Training / estimation pass.
 
@@ -256,12 +282,20 @@ class LaplacianEntropyModel(nn.Module):
         which runs them again (the fit on large images: about a third of the memory).
         """
         rnd = rounding or _ste_round
-        params = self.chunk_params
+        fixed = isinstance(psi, HyperTerms)
+        if fixed:  # psi fixed: see hyper_terms
+
+            def params(j, base, channel, y_anchor):
+                return self._fixed_params(j, base, y_anchor).chunk(2, 1)
+        else:
+            params = self.chunk_params
         if checkpoint and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint as ckpt
 
+            plain = params
+
             def params(*args):
-                return ckpt(self.chunk_params, *args, use_reentrant=False, preserve_rng_state=False)  # draws nothing
+                return ckpt(plain, *args, use_reentrant=False, preserve_rng_state=False)  # draws nothing
 
         _, _, h, w = y.shape
         anchors = anchor_mask(h, w, y.device).view(1, 1, h, w)
@@ -269,15 +303,29 @@ class LaplacianEntropyModel(nn.Module):
         for j, y_j in enumerate(y.split(self.chunks, 1)):
             prev = torch.cat(y_hats, 1) if j else None
             channel = self.channel_context(j, prev)
-            mu_a, s_a = params(j, psi, channel, None)
+            given = psi
+            if fixed:  # g_ep's first layer over the channel context, shared by both passes
+                given = psi[j]
+                if channel is not None:
+                    at = 2 * self.chunks[j] * (2 if self.global_context else 1)
+                    given = given + F.conv2d(channel, self.g_ep[j][0].weight[:, at : at + channel.shape[1]])
+            mu_a, s_a = params(j, given, channel, None)
             ya = rnd(y_j - mu_a) + mu_a
-            mu_n, s_n = params(j, psi, channel, ya * anchors)
+            mu_n, s_n = params(j, given, channel, ya * anchors)
             mu = torch.where(anchors, mu_a, mu_n)
             sigma = torch.where(anchors, s_a, s_n)
             y_hats.append(torch.where(anchors, ya, rnd(y_j - mu_n) + mu_n))  # anchors as their context saw them
             mus.append(mu)
             sigmas.append(sigma)
         return torch.cat(y_hats, 1), torch.cat(mus, 1), torch.cat(sigmas, 1)
+
+
+class HyperTerms(tuple):
+    """:meth:`LaplacianEntropyModel.hyper_terms`: one (b, o, h, w) map per chunk."""
+
+    def rows(self, r0: int, r1: int) -> "HyperTerms":
+        """The terms of latent rows r0..r1 (a band)."""
+        return HyperTerms(t[..., r0:r1, :].contiguous() for t in self)
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:

@@ -231,11 +231,15 @@ def test_the_script_leaves_without_the_interpreter_clean_up_after_encode_and_dec
     assert left.value.code == 0
 
 
-def test_encode_and_decode_do_not_import_compressai(small_png, tmp_path):
+def test_encode_and_decode_do_not_import_compressai_or_dynamo(small_png, tmp_path):
+    # torch.optim imports torch._dynamo (2-3.5 s): the effort fit steps by hand
     probe = (
         "import sys\nfrom bdcodec.cli import main\n"
+        "fit = sys.argv[2] + '.fit'\n"
         "for args in (['encode', sys.argv[1], sys.argv[2]], ['decode', sys.argv[2], sys.argv[3]],\n"
-        "             ['decode', sys.argv[2], sys.argv[4], '--mode', 'fidelity', '--steps', '1'], ['info', sys.argv[2]]):\n"
+        "             ['decode', sys.argv[2], sys.argv[4], '--mode', 'fidelity', '--steps', '1'], ['info', sys.argv[2]],\n"
+        "             ['encode', sys.argv[1], fit, '--tune', 'fidelity', '-e', '1'],\n"
+        "             ['encode', sys.argv[1], fit, '--tune', 'fidelity', '-e', '7', '-f']):\n"
         "    try:\n        main(args)\n    except SystemExit as exc:\n        assert not exc.code, args\n"
         "assert 'compressai' not in sys.modules, 'compressai imported'\n"
         "assert 'scipy' not in sys.modules and 'torch._dynamo' not in sys.modules, 'heavy imports'\n"

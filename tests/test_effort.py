@@ -297,6 +297,7 @@ def test_the_fit_runs_the_entropy_model_band_by_band_as_the_coder_does(codec):
     gen = torch.Generator().manual_seed(0)
     y = (torch.randn(1, ent.M, 16, 12, generator=gen) * 3).requires_grad_(True)
     psi = torch.randn(1, 2 * codec.model.cfg.hyper_N, 16, 12, generator=gen)  # h_s gives 2 x hyper_N channels
+    psi = ent.hyper_terms(psi)  # as the fit gives it
     bands = [(0, 8), (8, 16)]
     checkpointed = functools.partial(ent, checkpoint=True)
     for sga in (False, True):
@@ -317,13 +318,30 @@ def test_the_fit_runs_the_entropy_model_band_by_band_as_the_coder_does(codec):
         for r0, r1 in bands:
             taken = iter(draws or [])
             rnd = (lambda r, r0=r0, r1=r1, taken=taken: rounding(r, next(taken)[..., r0:r1, :])) if sga else None
-            parts.append(ent(y[..., r0:r1, :], psi[..., r0:r1, :], rnd))
+            parts.append(ent(y[..., r0:r1, :], psi.rows(r0, r1), rnd))
         ref = [torch.cat([p[i] for p in parts], 2) for i in range(3)]
         ref_loss = sum((o * (k + 1)).square().sum() for k, o in enumerate(ref))
         (ref_grad,) = torch.autograd.grad(ref_loss, y)
         for a, b in zip(out, ref):
             assert torch.equal(a, b)
         assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-6) and grad.abs().sum() > 0
+
+
+def test_the_fits_adam_steps_as_torch_optim_adam():
+    import torch
+
+    from bdcodec.effort import _Adam
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 40, generator=gen).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    ours, theirs = _Adam(a, 0.01), torch.optim.Adam([b], lr=0.01, foreach=False)
+    for _ in range(5):
+        g = torch.randn(3, 40, generator=gen)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    assert torch.equal(a, b)
 
 
 def test_banded_fits_do_not_depend_on_the_thread_count(crop, monkeypatch):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from bdcodec.entropy import (SCALE_TABLE, GlobalContext, LaplacianBias, LaplacianEntropyModel, anchor_mask,
@@ -65,3 +66,26 @@ def test_scale_indexes_pick_first_scale_not_below():
     assert idx.tolist()[0] == 0 and idx.tolist()[-1] == len(SCALE_TABLE) - 1
     assert torch.all(SCALE_TABLE[idx[1:4]] >= s[1:4] - 1e-6)
     assert torch.all(SCALE_TABLE[(idx[2:4] - 1)] < s[2:4])
+
+
+@pytest.mark.parametrize("size", [(8, 12), (7, 5), (1, 1), (1, 6), (5, 1)])
+def test_fixed_hyper_terms_give_the_models_numbers(size):
+    """The fit's form of the model (psi's part taken once, each pass only where it codes) gives the
+    values and gradients of the plain one, with straight-through and annealed rounding, checkpointed."""
+    from bdcodec.effort import _sga_rounding
+
+    torch.manual_seed(0)
+    ent = LaplacianEntropyModel(M=24, chunks=[8, 16], hyper_ch=20).eval()
+    y = (torch.randn(1, 24, *size) * 3).requires_grad_(True)
+    psi = torch.randn(1, 20, *size)
+    terms = ent.hyper_terms(psi)
+    for sga, checkpoint in ((False, False), (True, False), (False, True)):
+        outs = []
+        for given in (psi, terms):
+            rounding = _sga_rounding(0.3, torch.Generator().manual_seed(1)) if sga else None
+            out = ent(y, given, rounding, checkpoint=checkpoint)
+            loss = sum((o * (k + 1)).square().sum() for k, o in enumerate(out))
+            outs.append(list(out) + list(torch.autograd.grad(loss, y)))
+        for a, b in zip(*outs):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+        assert outs[0][-1].abs().sum() > 0
