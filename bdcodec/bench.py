@@ -130,8 +130,10 @@ def _load_rgb(path) -> np.ndarray:
 
 # -- the run ----------------------------------------------------------------------------------
 def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed,
-              fid=False, efforts=(0,), perception=False, perception_options=None):
+              fid=False, efforts=None, perception=False, perception_options=None):
+    """``efforts``: the encoder efforts each mode is benched at (default: each mode's own default effort)."""
     from .codec import Codec
+    from .effort import DEFAULT_EFFORTS
     from .train import list_images
 
     images = list_images(folder)[:limit]
@@ -166,11 +168,14 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
     codec = None
     if "bdcodec" in codecs:
         codec = Codec(weights, device)
-        pb = bar(len(images) * len(qs) * len(efforts), "bdcodec")
+        levels = sorted({e for m in modes for e in (efforts or (DEFAULT_EFFORTS[m],))})
+        pb = bar(len(images) * len(qs) * len(levels), "bdcodec")
         for p in images:
             ref = refs[p.name]
-            for q, effort in ((q, e) for e in efforts for q in qs):
+            for q, effort in ((q, e) for e in levels for q in qs):
                 for mode in modes:  # each mode decodes a file made for it (Codec.plan)
+                    if effort not in (efforts or (DEFAULT_EFFORTS[mode],)):
+                        continue
                     t0 = time.perf_counter()
                     data = codec.encode(ref, quality=q, mode=mode, effort=effort)
                     enc_s = time.perf_counter() - t0
@@ -532,8 +537,8 @@ def _effort_table(curves, rows) -> list[dict]:
                 sign = -1 if key == "lpips" else 1  # lower LPIPS is better
                 row[f"bd_rate_{key}"] = bd_rate(r1, sign * np.array([p[key] for p in ref]),
                                                 r2, sign * np.array([p[key] for p in pts]))
-        row["enc_s"] = float(np.mean([r["enc_s"] for r in rows if r["codec"] == name]))
-        row["enc_s_effort0"] = float(np.mean([r["enc_s"] for r in rows if r["codec"] == base]))
+        for key, curve in (("enc_s", name), ("enc_s_effort0", base)):  # results without times give NaN
+            row[key] = float(np.mean([r.get("enc_s", math.nan) for r in rows if r["codec"] == curve]))
         table.append(row)
     return table
 
@@ -798,7 +803,7 @@ def _report(summary) -> str:
         for r in summary["effort"]:
             lines.append(f"| {r['codec']} | {r['effort']} | {_fmt(r.get('bd_rate_psnr'), '+.2f')} | "
                          f"{_fmt(r.get('bd_rate_msssim_db'), '+.2f')} | {_fmt(r.get('bd_rate_lpips'), '+.2f')} | "
-                         f"{r['enc_s']:.2f} (effort 0: {r['enc_s_effort0']:.2f}) |")
+                         f"{_fmt(r['enc_s'], '.2f')} (effort 0: {_fmt(r['enc_s_effort0'], '.2f')}) |")
     if summary["speed"]:
         lines += ["", "| codec | encode ms/MP | decode ms/MP | entropy-coding share |", "|---|---|---|---|"]
     for r in summary["speed"]:

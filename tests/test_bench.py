@@ -288,3 +288,11 @@ def test_bench_merge_joins_per_image_results_and_leaves_out_incomplete_images(tm
     twice = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench-merge.py"), str(tmp_path / "a.png.csv"),
                             str(tmp_path / "a.png.csv")], capture_output=True, text=True)
     assert twice.returncode != 0 and "again" in twice.stderr and "Traceback" not in twice.stderr
+    # results kept without their times (as docs/results/kodak-effort.csv) give the BD-rates and no seconds
+    with open(tmp_path / "timeless.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields[:-1], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(both)
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench-merge.py"), str(tmp_path / "timeless.csv")],
+                         capture_output=True, text=True, check=True)
+    assert f"| bdcodec-fidelity | 3 | {e3['bd_rate_psnr']:+.2f} |" in res.stdout and "n/a (effort 0: n/a)" in res.stdout

@@ -28,7 +28,7 @@ def _cost(codec, pixels, data, level):
 @pytest.mark.parametrize("quality", [0.0, 20.0])  # 20: with a coarse refinement layer, fitted at the latent's lambda
 def test_effort_lowers_the_rate_distortion_cost_and_files_decode_as_before(codec, crop, quality):
     level, _ = codec.plan(quality, "fidelity")
-    plain = codec.encode(crop, quality=quality, mode="fidelity")
+    plain = codec.encode(crop, quality=quality, mode="fidelity", effort=0)
     fitted = codec.encode(crop, quality=quality, mode="fidelity", effort=3)
     assert fitted != plain
     assert codec.encode(crop, quality=quality, mode="fidelity", effort=3) == fitted  # deterministic
@@ -49,7 +49,7 @@ def test_the_fit_gains_in_fp32_and_in_bf16(codec, crop, bf16, monkeypatch):
         pytest.skip("this CPU has no native bf16")
     monkeypatch.setattr(effort, "native_bf16", lambda device_type: bf16)
     level, _ = codec.plan(0.0, "fidelity")
-    plain = codec.encode(crop, quality=0.0, mode="fidelity")
+    plain = codec.encode(crop, quality=0.0, mode="fidelity", effort=0)
     fitted = codec.encode(crop, quality=0.0, mode="fidelity", effort=3)
     assert codec.encode(crop, quality=0.0, mode="fidelity", effort=3) == fitted
     assert _cost(codec, crop, fitted, level) < _cost(codec, crop, plain, level)
@@ -81,7 +81,7 @@ def test_annealed_fit_lowers_the_cost_and_is_deterministic(codec, crop, monkeypa
     assert effort.SGA_FROM <= effort.MAX_EFFORT
     monkeypatch.setattr(cc, "SGA_FROM", 9)
     level, _ = codec.plan(0.0, "fidelity")
-    plain = codec.encode(crop, quality=0.0, mode="fidelity")
+    plain = codec.encode(crop, quality=0.0, mode="fidelity", effort=0)
     fitted = codec.encode(crop, quality=0.0, mode="fidelity", effort=9)
     assert codec.encode(crop, quality=0.0, mode="fidelity", effort=9) == fitted
     assert _cost(codec, crop, fitted, level) < 0.97 * _cost(codec, crop, plain, level)
@@ -161,7 +161,7 @@ def test_images_of_several_tiles_are_fitted_tile_by_tile(codec, crop, quality, m
     monkeypatch.setattr(effort, "_tiled_loss", lambda *a: calls.append(1) or tiled(*a))
     small = np.ascontiguousarray(crop[:192, :256])
     level, _ = codec.plan(quality, "fidelity")
-    plain = codec.encode(small, quality=quality, mode="fidelity")
+    plain = codec.encode(small, quality=quality, mode="fidelity", effort=0)
     fitted = codec.encode(small, quality=quality, mode="fidelity", effort=2)
     assert calls
     assert codec.encode(small, quality=quality, mode="fidelity", effort=2) == fitted
@@ -184,7 +184,7 @@ def test_effort_chooses_a_fidelity_plan_and_lowers_its_cost(codec, crop, quality
     _, step = codec.plan(quality, "fidelity")
     levels = {codec.plan(quality, "fidelity", share)[0] for share in FIDELITY_SHARES}
     assert len(levels) > 1
-    plain = codec.encode(crop, quality=quality, mode="fidelity")
+    plain = codec.encode(crop, quality=quality, mode="fidelity", effort=0)
     fitted = codec.encode(crop, quality=quality, mode="fidelity", effort=2)
     assert codec.encode(crop, quality=quality, mode="fidelity", effort=2) == fitted  # deterministic
     h_plain, _ = container.unpack(plain)
@@ -196,7 +196,7 @@ def test_effort_chooses_a_fidelity_plan_and_lowers_its_cost(codec, crop, quality
     effort0 = {}
     for share in FIDELITY_SHARES:
         monkeypatch.setattr(bdcodec.codec, "FIDELITY_SHARE", share)
-        data = codec.encode(crop, quality=quality, mode="fidelity")
+        data = codec.encode(crop, quality=quality, mode="fidelity", effort=0)
         effort0[container.unpack(data)[0].level] = _layer_cost(codec, crop, data, step)
     assert effort0[h_fitted.level] == min(effort0.values())
 
@@ -219,6 +219,20 @@ def test_top_efforts_compare_the_plans_after_a_short_fit(codec, crop, monkeypatc
         probes[container.unpack(data)[0].level] = _layer_cost(codec, crop, data, step)
     assert len(probes) == len(cc.FITTED_SHARES)
     assert chosen == min(probes, key=probes.get)
+
+
+def test_the_default_effort_fits_fidelity_files_only(codec, crop, monkeypatch):
+    import bdcodec.codec as cc
+
+    small = np.ascontiguousarray(crop[:64, :96])
+    for mode, effort in (("fidelity", 1), ("perceptual", 0)):
+        assert cc.DEFAULT_EFFORTS[mode] == effort
+        assert codec.encode(small, quality=20, mode=mode) == codec.encode(small, quality=20, mode=mode, effort=effort)
+    fits = []
+    monkeypatch.setattr(cc, "refine_latent", lambda *a, **k: fits.append(a[5]) or a[2])
+    codec.encode(small, quality=20, mode="fidelity")
+    codec.encode(small, quality=20, mode="perceptual")
+    assert fits == [cc.EFFORT_STEPS[1]]
 
 
 def test_effort_is_checked(codec, crop):
@@ -366,7 +380,7 @@ def test_banded_fits_do_not_depend_on_the_thread_count(crop, monkeypatch):
         fitted = two.encode(small, quality=quality, mode="fidelity", effort=level_effort)
         assert one.encode(small, quality=quality, mode="fidelity", effort=level_effort) == fitted
         assert len(container.unpack(fitted)[1].bands) == 2
-        plain = two.encode(small, quality=quality, mode="fidelity")
+        plain = two.encode(small, quality=quality, mode="fidelity", effort=0)
         assert _cost(two, small, fitted, level) < _cost(two, small, plain, level)
     assert calls
 
@@ -378,7 +392,7 @@ def test_images_above_the_fits_limit_are_coded_at_effort_0_with_a_warning(run, s
     png = tmp_path / "a.png"
     px = np.asarray(Image.open(ROOT / "examples" / "kodim23.png").convert("RGB"))[64:128, 160:256]
     Image.fromarray(np.ascontiguousarray(px)).save(png)
-    assert run("encode", png, tmp_path / "e0.bdc", "-q", 20, "--tune", "fidelity").exit_code == 0
+    assert run("encode", png, tmp_path / "e0.bdc", "-q", 20, "--tune", "fidelity", "-e", 0).exit_code == 0
     for module in (bdcodec.cli, bdcodec.codec):
         monkeypatch.setattr(module, "EFFORT_MAX_PIXELS", 64 * 96 - 1)
     res = run("encode", png, tmp_path / "e2.bdc", "-q", 20, "--tune", "fidelity", "--effort", 2)
