@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from .effort import DEFAULT_EFFORTS, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, MAX_EFFORT, ROI_MIN_EFFORT
+from .effort import DEFAULT_EFFORT_PIXELS, DEFAULT_EFFORTS, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, MAX_EFFORT, ROI_MIN_EFFORT
 from .errors import BdcError
 
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -676,7 +676,7 @@ def main():
 @click.option("-e", "--effort", type=click.IntRange(0, MAX_EFFORT), default=None,
               help="Encoder effort 0..9 (default: " + ", ".join(f"{e} with --tune {t}" for t, e in
                                                            sorted(DEFAULT_EFFORTS.items())) +
-                   "): gradient steps that fit the latent to the image; from 1 up (with "
+                   f"; 0 above {DEFAULT_EFFORT_PIXELS // 1_000_000} MP): gradient steps that fit the latent to the image; from 1 up (with "
                    "--tune fidelity, above quality 50) refinement levels chosen by rate and distortion and a "
                    "choice between rate plans per file, compared after a short fit from 7 up (more: smaller "
                    "files or higher PSNR, slower encodes; any effort decodes the same way). Perceptual files "

@@ -43,7 +43,7 @@ from . import container, refine
 from .container import Header, Streams
 from .diffusion import BlurSchedule
 from .entropy import anchor_mask, scale_indexes
-from .effort import (DEFAULT_EFFORTS, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, EFFORT_STEPS, MAX_EFFORT, ROI_MIN_EFFORT,
+from .effort import (DEFAULT_EFFORT_PIXELS, DEFAULT_EFFORTS, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, EFFORT_STEPS, MAX_EFFORT, ROI_MIN_EFFORT,
                      SGA_FROM, native_bf16, refine_latent)
 from .errors import BdcError
 from .imageio import cpu_count
@@ -433,7 +433,7 @@ class Codec:
         ``mode`` is the decode mode the file is made for: it picks the quality plan
         (see ``plan``) and is stored as the file's default decode mode.  ``effort``
         0..9 spends encode time on fitting the latent to the image (see ``effort.py``;
-        default: ``DEFAULT_EFFORTS[mode]``).
+        default: ``DEFAULT_EFFORTS[mode]``, 0 above DEFAULT_EFFORT_PIXELS).
         ``roi`` (H, W) in 0..1 marks the regions of interest, whose squared error
         counts ``roi_weight`` times that of the rest (effort at least ROI_MIN_EFFORT).
         ``progress``, a tqdm-like bar, counts the tiles of the transforms.
@@ -441,7 +441,7 @@ class Codec:
         if mode not in ("perceptual", "fidelity"):
             raise BdcError(f"unknown mode {mode!r}")
         if effort is None:
-            effort = DEFAULT_EFFORTS[mode]
+            effort = DEFAULT_EFFORTS[mode] if pixels.shape[0] * pixels.shape[1] <= DEFAULT_EFFORT_PIXELS else 0
         if not (isinstance(effort, (int, np.integer)) and 0 <= effort <= MAX_EFFORT):
             raise BdcError(f"effort must be within 0..{MAX_EFFORT}, got {effort}")
         weight = None

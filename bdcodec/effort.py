@@ -40,7 +40,7 @@ import functools
 import math
 import weakref
 
-__all__ = ["DEFAULT_EFFORTS", "DEFAULT_ROI_WEIGHT", "EFFORT_MAX_PIXELS", "EFFORT_STEPS", "MAX_EFFORT", "ROI_MIN_EFFORT",
+__all__ = ["DEFAULT_EFFORT_PIXELS", "DEFAULT_EFFORTS", "DEFAULT_ROI_WEIGHT", "EFFORT_MAX_PIXELS", "EFFORT_STEPS", "MAX_EFFORT", "ROI_MIN_EFFORT",
            "SGA_FROM", "native_bf16", "refine_latent"]
 
 #: Gradient steps per effort level 0..9 (effort 0: the analysis transform's latent as is).
@@ -50,7 +50,10 @@ MAX_EFFORT = len(EFFORT_STEPS) - 1
 # the straight-through efforts gain, for a few seconds per Kodak image (see the effort table in the
 # README).  Perceptual files stay at effort 0: there the fit changes LPIPS by -0.007 to +0.001 (kodim04,
 # 13, 19 and 23 at effort 3, qualities 25, 50 and 70), too little for the time.
+# Above DEFAULT_EFFORT_PIXELS the default is 0 in both: on a 3000x2000 photo effort 1 took 3x (quality 40)
+# to 6x (quality 75) the time of effort 0, over a minute on 2 cores.
 DEFAULT_EFFORTS = {"fidelity": 1, "perceptual": 0}
+DEFAULT_EFFORT_PIXELS = 4_000_000
 # Regions of interest: the squared error inside counts DEFAULT_ROI_WEIGHT times that
 # outside, in the latent's fit (at effort ROI_MIN_EFFORT or more) and in the
 # refinement layer's choice of levels.  At quality 75 on the four masks of examples/roi/,

@@ -233,6 +233,11 @@ def test_the_default_effort_fits_fidelity_files_only(codec, crop, monkeypatch):
     codec.encode(small, quality=20, mode="fidelity")
     codec.encode(small, quality=20, mode="perceptual")
     assert fits == [cc.EFFORT_STEPS[1]]
+    monkeypatch.setattr(cc, "DEFAULT_EFFORT_PIXELS", 64 * 96 - 1)  # larger images: effort 0 unless asked
+    codec.encode(small, quality=20, mode="fidelity")
+    assert len(fits) == 1
+    codec.encode(small, quality=20, mode="fidelity", effort=1)
+    assert len(fits) == 2
 
 
 def test_effort_is_checked(codec, crop):
