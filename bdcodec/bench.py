@@ -783,7 +783,8 @@ def _fmt(v, spec):
 
 
 def _report(summary) -> str:
-    lines = [f"bdcodec bench: {summary['images']} images from {summary['folder']}", ""]
+    n = summary["images"]
+    lines = [f"bdcodec bench: {n} image{'s' if n != 1 else ''} from {summary['folder']}", ""]
     fid = any("fid" in p for pts in summary["curves"].values() for p in pts)  # FID/KID columns only with --fid
     lines.append("| codec | setting | bpp | PSNR | MS-SSIM | LPIPS |" + (" FID | KID |" if fid else ""))
     lines.append("|---|---|---|---|---|---|" + ("---|---|" if fid else ""))
@@ -798,12 +799,14 @@ def _report(summary) -> str:
         lines.append(f"| {r['codec']} | {r['against']} | {_fmt(r.get('bd_rate_psnr'), '+.1f')} | "
                      f"{_fmt(r.get('bd_rate_msssim'), '+.1f')} | {_fmt(r.get('bd_lpips'), '+.4f')} |")
     if summary.get("effort"):
-        lines += ["", "| bdcodec | effort | BD-rate PSNR % vs effort 0 | MS-SSIM % | LPIPS % | encode s/image |",
+        lines += ["", "| curve | effort | BD-rate PSNR % vs effort 0 | MS-SSIM % | LPIPS % | encode s/image |",
                   "|---|---|---|---|---|---|"]
         for r in summary["effort"]:
-            lines.append(f"| {r['codec']} | {r['effort']} | {_fmt(r.get('bd_rate_psnr'), '+.2f')} | "
+            curve = r["codec"] + (f"-e{r['effort']}" if r["effort"] else "")
+            secs = _fmt(r["enc_s"], ".2f") + (f" (effort 0: {_fmt(r['enc_s_effort0'], '.2f')})" if r["effort"] else "")
+            lines.append(f"| {curve} | {r['effort']} | {_fmt(r.get('bd_rate_psnr'), '+.2f')} | "
                          f"{_fmt(r.get('bd_rate_msssim_db'), '+.2f')} | {_fmt(r.get('bd_rate_lpips'), '+.2f')} | "
-                         f"{_fmt(r['enc_s'], '.2f')} (effort 0: {_fmt(r['enc_s_effort0'], '.2f')}) |")
+                         f"{secs} |")
     if summary["speed"]:
         lines += ["", "| codec | encode ms/MP | decode ms/MP | entropy-coding share |", "|---|---|---|---|"]
     for r in summary["speed"]:

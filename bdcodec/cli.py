@@ -24,7 +24,8 @@ from pathlib import Path
 
 import click
 
-from .effort import DEFAULT_EFFORT_PIXELS, DEFAULT_EFFORTS, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, MAX_EFFORT, ROI_MIN_EFFORT
+from .effort import (DEFAULT_EFFORT_PIXELS, DEFAULT_EFFORTS, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, MAX_EFFORT,
+                     PERCEPTUAL_FIT_QUALITY, ROI_MIN_EFFORT)
 from .errors import BdcError
 
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -676,11 +677,13 @@ def main():
 @click.option("-e", "--effort", type=click.IntRange(0, MAX_EFFORT), default=None,
               help="Encoder effort 0..9 (default: " + ", ".join(f"{e} with --tune {t}" for t, e in
                                                            sorted(DEFAULT_EFFORTS.items())) +
-                   f"; 0 above {DEFAULT_EFFORT_PIXELS // 1_000_000} MP): gradient steps that fit the latent to the image; from 1 up (with "
+                   f"; 0 above {DEFAULT_EFFORT_PIXELS // 1_000_000} MP): gradient steps that fit the latent to "
+                   "the image; from 1 up (with "
                    "--tune fidelity, above quality 50) refinement levels chosen by rate and distortion and a "
                    "choice between rate plans per file, compared after a short fit from 7 up (more: smaller "
                    "files or higher PSNR, slower encodes; any effort decodes the same way). Perceptual files "
-                   f"below quality 16.5, and images above {EFFORT_MAX_PIXELS // 1_000_000} MP, are not fitted. "
+                   f"below quality {PERCEPTUAL_FIT_QUALITY:g} (unless --roi), and images above "
+                   f"{EFFORT_MAX_PIXELS // 1_000_000} MP, are not fitted. "
                    "See the README's table.")
 @click.option("--roi", "roi_path", type=click.Path(dir_okay=False), default=None, metavar="MASK",
               help="Region of interest: a grayscale image of the input's size, white = important. Its squared "
@@ -712,6 +715,9 @@ def encode(paths, quality, target_bpp, tune, effort, roi_path, roi_weight, weigh
     ui = _Terminal(quiet)
     if roi_path is not None and effort is not None and effort < ROI_MIN_EFFORT:
         ui.warn(f"--roi fits the latent: effort {ROI_MIN_EFFORT} instead of {effort}")
+    elif roi_path is None and effort and tune == "perceptual" and target_bpp is None \
+            and quality < PERCEPTUAL_FIT_QUALITY:
+        ui.warn(f"perceptual files below quality {PERCEPTUAL_FIT_QUALITY:g} are not fitted: effort 0, not {effort}")
     steps = (_encode_steps, dict(quality=quality, target_bpp=target_bpp, tune=tune, max_pixels=max_pixels,
                                  force=force, effort=effort, roi_path=roi_path, roi_weight=roi_weight,
                                  roi_size=roi_size))
@@ -892,8 +898,9 @@ def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights,
         except ValueError:
             raise click.BadParameter(f"not a comma-separated list of integers: {efforts!r}",
                                      param_hint="--efforts") from None
-        if not all(0 <= e <= MAX_EFFORT for e in levels):
-            raise click.BadParameter(f"efforts are 0..{MAX_EFFORT}", param_hint="--efforts")
+        bad = [e for e in levels if not 0 <= e <= MAX_EFFORT]
+        if bad:
+            raise click.BadParameter(f"efforts are 0..{MAX_EFFORT}, got {bad[0]}", param_hint="--efforts")
         if 0 not in levels:
             levels.insert(0, 0)  # the reference of the effort table
     try:

@@ -43,8 +43,8 @@ from . import container, refine
 from .container import Header, Streams
 from .diffusion import BlurSchedule
 from .entropy import anchor_mask, scale_indexes
-from .effort import (DEFAULT_EFFORT_PIXELS, DEFAULT_EFFORTS, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, EFFORT_STEPS, MAX_EFFORT, ROI_MIN_EFFORT,
-                     SGA_FROM, native_bf16, refine_latent)
+from .effort import (DEFAULT_EFFORT_PIXELS, DEFAULT_EFFORTS, DEFAULT_ROI_WEIGHT, EFFORT_MAX_PIXELS, EFFORT_STEPS,
+                     MAX_EFFORT, ROI_MIN_EFFORT, SGA_FROM, native_bf16, refine_latent)
 from .errors import BdcError
 from .imageio import cpu_count
 from .model import pad_to
@@ -64,7 +64,8 @@ DEFAULT_TEMPERATURE = 0.5
 # diffusion decoder gain PSNR from it at every rate, and LPIPS from rate level 1 up
 # (kodim04/13/19/23, effort 3, qualities 25/50/70: LPIPS -0.007 to +0.001, PSNR +0.04
 # to +0.54 dB); at quality 0 (level 0) LPIPS rose by 0.004 to 0.023, so below this
-# level perceptual files are not fitted.
+# level perceptual files are not fitted (but for a region of interest); level 1 is quality
+# effort.PERCEPTUAL_FIT_QUALITY (a test checks the two agree).
 PERCEPTUAL_FIT_FROM = 1.0
 # Quality plans: how the encoder splits bits between the latent and the refinement
 # layer.  Files carry the rate level and the refinement step they use, so these are
@@ -519,8 +520,8 @@ class Codec:
                 if len(levels) > 1:
                     probe = PLAN_PROBE_EFFORT if fitted else 0
                     level = min(levels, key=lambda lv: cost(q, lv, step, lam, probe))
-            if mode == "perceptual" and level < PERCEPTUAL_FIT_FROM:
-                effort = 0
+            if mode == "perceptual" and level < PERCEPTUAL_FIT_FROM and block_weight is None:
+                effort = 0  # (a region of interest is fitted all the same: nothing else would steer it here)
             return code(q, level, step, effort, rdo=rdo)
 
         def cost(q: float, level: float, step: float, lam: float, effort: int) -> float:

@@ -40,8 +40,8 @@ import functools
 import math
 import weakref
 
-__all__ = ["DEFAULT_EFFORT_PIXELS", "DEFAULT_EFFORTS", "DEFAULT_ROI_WEIGHT", "EFFORT_MAX_PIXELS", "EFFORT_STEPS", "MAX_EFFORT", "ROI_MIN_EFFORT",
-           "SGA_FROM", "native_bf16", "refine_latent"]
+__all__ = ["DEFAULT_EFFORT_PIXELS", "DEFAULT_EFFORTS", "DEFAULT_ROI_WEIGHT", "EFFORT_MAX_PIXELS", "EFFORT_STEPS",
+           "MAX_EFFORT", "PERCEPTUAL_FIT_QUALITY", "ROI_MIN_EFFORT", "SGA_FROM", "native_bf16", "refine_latent"]
 
 #: Gradient steps per effort level 0..9 (effort 0: the analysis transform's latent as is).
 EFFORT_STEPS = (0, 2, 4, 6, 8, 12, 16, 48, 96, 192)
@@ -54,6 +54,8 @@ MAX_EFFORT = len(EFFORT_STEPS) - 1
 # to 6x (quality 75) the time of effort 0, over a minute on 2 cores.
 DEFAULT_EFFORTS = {"fidelity": 1, "perceptual": 0}
 DEFAULT_EFFORT_PIXELS = 4_000_000
+# Files made for the perceptual decoder are fitted from this quality up (codec.PERCEPTUAL_FIT_FROM).
+PERCEPTUAL_FIT_QUALITY = 16.5
 # Regions of interest: the squared error inside counts DEFAULT_ROI_WEIGHT times that
 # outside, in the latent's fit (at effort ROI_MIN_EFFORT or more) and in the
 # refinement layer's choice of levels.  At quality 75 on the four masks of examples/roi/,

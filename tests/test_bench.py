@@ -280,7 +280,7 @@ def test_bench_merge_joins_per_image_results_and_leaves_out_incomplete_images(tm
                          capture_output=True, text=True, check=True)
     both = rows_by_image["a.png"] + rows_by_image["b.png"]
     e3 = [r for r in _effort_table(_curves(both), both) if r["effort"] == 3][0]
-    assert f"| bdcodec-fidelity | 3 | {e3['bd_rate_psnr']:+.2f} |" in res.stdout
+    assert f"| bdcodec-fidelity-e3 | 3 | {e3['bd_rate_psnr']:+.2f} |" in res.stdout
     assert "2 images" in res.stdout and "left out, incomplete: c.png" in res.stdout
     with open(tmp_path / "all.csv", newline="") as f:
         assert sorted({r["image"] for r in csv.DictReader(f)}) == ["a.png", "b.png"]
@@ -295,4 +295,5 @@ def test_bench_merge_joins_per_image_results_and_leaves_out_incomplete_images(tm
         w.writerows(both)
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench-merge.py"), str(tmp_path / "timeless.csv")],
                          capture_output=True, text=True, check=True)
-    assert f"| bdcodec-fidelity | 3 | {e3['bd_rate_psnr']:+.2f} |" in res.stdout and "n/a (effort 0: n/a)" in res.stdout
+    assert f"| bdcodec-fidelity-e3 | 3 | {e3['bd_rate_psnr']:+.2f} |" in res.stdout
+    assert "| n/a (effort 0: n/a) |" in res.stdout and "| bdcodec-fidelity | 0 | +0.00 |" in res.stdout

@@ -104,9 +104,11 @@ def test_usage_errors_exit_2(run, small_png, tmp_path):
     for cmd, out in (("encode", "o.png"), ("decode", "o.bdc")):  # IN and OUT swapped, most likely
         res = run(cmd, small_png, tmp_path / out)
         assert res.exit_code == 2 and "swapped" in res.stderr and not (tmp_path / out).exists()
-    for bad in (("--qualities", "abc"), ("--qualities", "150"), ("--codecs", "foo"), ("--modes", "pretty")):
+    for bad in (("--qualities", "abc"), ("--qualities", "150"), ("--codecs", "foo"), ("--modes", "pretty"),
+                ("--efforts", "x"), ("--efforts", "0,12")):
         res = run("bench", tmp_path, "--no-speed", *bad)
         assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1, (bad, res.stderr)
+    assert "efforts are 0..9, got 12" in res.stderr
     for args in (("-q", "nan"), ("--target-bpp", "nan"), ("--roi-weight", "NaN")):  # NaN passes every bound
         res = run("encode", small_png, tmp_path / "o.bdc", *args)
         assert res.exit_code == 2 and "not a number" in res.stderr, args

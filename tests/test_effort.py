@@ -302,6 +302,23 @@ def test_cli_effort_and_roi(run, shared_codec, tmp_path):
     assert res.exit_code == 0, res.output
     assert "--roi fits the latent: effort 2 instead of 0" in res.output
     assert (tmp_path / "b.bdc").read_bytes() == (tmp_path / "a.bdc").read_bytes()
+    # perceptual files below the fit's quality: an effort asked for says it is not spent; a region of interest
+    # is fitted all the same (it would change nothing otherwise)
+    res = run("encode", png, tmp_path / "p3.bdc", "-e", 3, "-q", 10)
+    assert res.exit_code == 0 and "are not fitted: effort 0, not 3" in res.output, res.output
+    assert run("encode", png, tmp_path / "p0.bdc", "-q", 10).exit_code == 0
+    assert (tmp_path / "p3.bdc").read_bytes() == (tmp_path / "p0.bdc").read_bytes()
+    res = run("encode", png, tmp_path / "pr.bdc", "--roi", mask, "-q", 10)
+    assert res.exit_code == 0 and "not fitted" not in res.output, res.output
+    assert (tmp_path / "pr.bdc").read_bytes() != (tmp_path / "p0.bdc").read_bytes()
+
+
+def test_the_perceptual_fits_quality_is_its_first_fitted_level(codec):
+    from bdcodec.codec import PERCEPTUAL_FIT_FROM
+    from bdcodec.effort import PERCEPTUAL_FIT_QUALITY
+
+    assert codec.plan(PERCEPTUAL_FIT_QUALITY, "perceptual")[0] >= PERCEPTUAL_FIT_FROM
+    assert codec.plan(PERCEPTUAL_FIT_QUALITY - 0.5, "perceptual")[0] < PERCEPTUAL_FIT_FROM
 
 
 def test_the_fit_runs_the_entropy_model_band_by_band_as_the_coder_does(codec):
