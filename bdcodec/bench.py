@@ -168,13 +168,14 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
     codec = None
     if "bdcodec" in codecs:
         codec = Codec(weights, device)
-        levels = sorted({e for m in modes for e in (efforts or (DEFAULT_EFFORTS[m],))})
+        mode_efforts = {m: efforts or (DEFAULT_EFFORTS[m],) for m in modes}
+        levels = sorted({e for m in modes for e in mode_efforts[m]})
         pb = bar(len(images) * len(qs) * len(levels), "bdcodec")
         for p in images:
             ref = refs[p.name]
             for q, effort in ((q, e) for e in levels for q in qs):
                 for mode in modes:  # each mode decodes a file made for it (Codec.plan)
-                    if effort not in (efforts or (DEFAULT_EFFORTS[mode],)):
+                    if effort not in mode_efforts[mode]:
                         continue
                     t0 = time.perf_counter()
                     data = codec.encode(ref, quality=q, mode=mode, effort=effort)
@@ -525,9 +526,10 @@ def _bd_table(curves) -> list[dict]:
 def _effort_table(curves, rows) -> list[dict]:
     """Each effort's BD-rates against effort 0 of the same mode, and its encode seconds per image."""
     table = []
+    fitted = {name.partition("-e")[0] for name in curves if "-e" in name}  # modes benched at efforts above 0
     for name, pts in curves.items():
         base, _, effort = name.partition("-e")
-        if not name.startswith("bdcodec") or base not in curves:
+        if not name.startswith("bdcodec") or base not in curves or base not in fitted:
             continue
         ref = curves[base]
         r1, r2 = np.array([p["bpp"] for p in ref]), np.array([p["bpp"] for p in pts])

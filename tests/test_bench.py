@@ -172,6 +172,9 @@ def test_effort_table_compares_each_effort_with_effort_0_of_its_mode():
     assert table[0]["bd_rate_psnr"] == pytest.approx(0, abs=1e-9)
     assert -10 < table[1]["bd_rate_psnr"] < -2  # +0.3 dB everywhere on a curve of about 7-14 % per 0.3 dB
     assert (table[1]["enc_s"], table[1]["enc_s_effort0"]) == (4.0, 1.0)
+    # a mode benched at effort 0 alone (the perceptual default) has no effort table
+    plain = [dict(r, codec="bdcodec-perceptual") for r in rows if r["codec"] == "bdcodec-fidelity"]
+    assert [r["codec"] for r in _effort_table(_curves(rows + plain), rows + plain)] == ["bdcodec-fidelity"] * 2
 
 
 def test_avif_at_fills_the_budget_without_passing_it():
