@@ -40,8 +40,16 @@ def _stderr_is_tty() -> bool:
     return sys.stderr.isatty()
 
 
+class _Integer(click.IntRange):
+    """click's IntRange, whose error for a word reads "'abc' is not a valid integer" (not "integer range")."""
+
+    name = "integer"
+
+
 class _Number(click.FloatRange):
     """click's FloatRange without NaN, which passes its bounds (every comparison with it is false)."""
+
+    name = "number"
 
     def convert(self, value, param, ctx):
         value = super().convert(value, param, ctx)
@@ -552,20 +560,21 @@ _common = [
     click.option("--weights", type=click.Path(dir_okay=False), default=None,
                  help="Weights file (default: $BDCODEC_WEIGHTS or the shipped weights)."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-    click.option("--threads", type=click.IntRange(1), default=None,
+    click.option("--threads", type=_Integer(1), default=None,
                  help="CPU threads for the pixel networks (default: every core).  Files and decodes do "
                       "not depend on it."),
-    click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS, show_default=True,
+    click.option("--max-pixels", type=_Integer(1), default=DEFAULT_MAX_PIXELS, show_default=True,
                  help="Refuse images larger than this."),
     click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=None,
                  help="Write one output per input into this folder (batch mode); it is created if missing."),
     click.option("-f", "--force", is_flag=True,
                  help="Replace existing output files, and write binary data to a terminal."),
-    click.option("-j", "--jobs", "workers", type=click.IntRange(0), default=1, show_default=True, metavar="N",
+    click.option("-j", "--jobs", "workers", type=_Integer(0), default=1, show_default=True, metavar="N",
                  help="Code N files at a time, in N worker processes that each load the model and run on "
                       "--threads / N threads (batch mode; 0: one per CPU core).  Files are the same bytes, "
                       "and decodes the same pixels, as with -j 1."),
-    click.option("-v", "--verbose", is_flag=True, help="One line per file: bytes, bpp, seconds."),
+    click.option("-v", "--verbose", is_flag=True,
+                 help="One line per file: bytes, bpp and seconds (encode: also the quality and effort used)."),
     click.option("--quiet", is_flag=True, help="No progress bars and no warnings (errors are still printed)."),
 ]
 
@@ -674,7 +683,7 @@ def main():
 @click.option("--tune", type=click.Choice(["perceptual", "fidelity"]), default="perceptual", show_default=True,
               help="The decode mode the file is made for: sets how bits are split between the latent and "
                    "the refinement layer, and the file's default decode mode.")
-@click.option("-e", "--effort", type=click.IntRange(0, MAX_EFFORT), default=None,
+@click.option("-e", "--effort", type=_Integer(0, MAX_EFFORT), default=None,
               help="Encoder effort 0..9 (default: " + ", ".join(f"{e} with --tune {t}" for t, e in
                                                            sorted(DEFAULT_EFFORTS.items())) +
                    f"; 0 above {DEFAULT_EFFORT_PIXELS // 1_000_000} MP): gradient steps that fit the latent to "
@@ -754,7 +763,9 @@ def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, e
             ui.warn(f"{_name(src)}: --target-bpp {target_bpp:g} cannot be met; wrote the smallest file "
                     f"(quality 0, {bpp:.4f} bpp)")
         _write_output(dst, out, force)
-        return f"{len(out)} bytes, {bpp:.4f} bpp"
+        from .container import unpack
+
+        return f"{len(out)} bytes, {bpp:.4f} bpp, quality {unpack(out)[0].quality:g}, effort {codec.encoded_effort}"
 
     return check, None, work
 
@@ -764,12 +775,12 @@ def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, e
 @click.option("--mode", type=click.Choice(["perceptual", "fidelity"]), default=None,
               help="perceptual: the diffusion decoder; fidelity: fast, PSNR-oriented.  "
                    "Default: the mode stored in the file (perceptual, unless it was encoded with --tune fidelity).")
-@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Diffusion steps (default: the file's, 1 in files of this version, 8 in earlier ones).")
+@click.option("--steps", type=_Integer(1, 1000), default=None, help="Diffusion steps (default: the file's, 1 in files of this version, 8 in earlier ones).")
 @click.option("--temperature", type=_Number(0, 2), default=0.5, show_default=True,
               help="Noise scale of the diffusion sampler (0: none).  With the shipped weights (decoder design 1) "
                    "it, --seed and --steps barely change the image; see the README.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed (default from the file).")
-@click.option("--out-quality", type=click.IntRange(1, 100), default=None,
+@click.option("--seed", type=_Integer(0, 2**32 - 1), default=None, help="Sampling seed (default from the file).")
+@click.option("--out-quality", type=_Integer(1, 100), default=None,
               help="Quality of a lossy OUT format (.jpg, .webp, .avif), 1..100 "
                    "(default: Pillow's, 75 for JPEG and 80 for WebP).")
 @common
@@ -846,8 +857,8 @@ def info(paths):
 @click.option("--codecs", default="bdcodec,jpeg,jpeg444,webp,avif,jxl", show_default=True)
 @click.option("--qualities", default=None, help="bdcodec qualities, comma-separated (default 0,20,40,50,60,70,80,90).")
 @click.option("--modes", default="fidelity", show_default=True, help="bdcodec decode modes: fidelity,perceptual.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Use the first N images.")
-@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
+@click.option("--limit", type=_Integer(1), default=None, help="Use the first N images.")
+@click.option("--jobs", type=_Integer(1, 64), default=1, show_default=True,
               help="Parallel processes for the baseline codecs.")
 @click.option("--lpips-weights", type=click.Path(dir_okay=False), default=None,
               help="AlexNet features for LPIPS (torchvision layout); skipped with a note if absent.")

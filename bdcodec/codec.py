@@ -314,6 +314,9 @@ class Codec:
         for part in (self.model.g_a, self.model.g_s, self.model.texture, self.model.denoiser):
             part.to(self.device, memory_format=self._layout)
         self.timings: dict[str, float] = {}
+        # The effort the last encode's file was made at: what the default, the image's size, the
+        # quality (perceptual files below PERCEPTUAL_FIT_FROM) and a region of interest made of the one asked.
+        self.encoded_effort: int | None = None
         eb = self.model.entropy_bottleneck
         self._z_tables = (eb._quantized_cdf.numpy().astype(np.int64), eb._cdf_length.numpy().astype(np.int64),
                           eb._offset.numpy().astype(np.int64), eb.quantiles.detach()[:, 0, 1].numpy())
@@ -487,6 +490,7 @@ class Codec:
         x = self._tensor(pixels)
         y0 = self._analyse(x, progress)
         self.timings = {"analysis": time.perf_counter() - t0}
+        self.encoded_effort = None
         if hgt * wid > EFFORT_MAX_PIXELS:
             effort = 0
         block_weight = pixel_weight = None
@@ -501,6 +505,7 @@ class Codec:
         latents: dict[tuple, tuple] = {}  # (level, effort) -> (streams, y_hat_g, activity)
         recons: dict[tuple, np.ndarray] = {}  # (level, effort) -> fidelity reconstruction, as decoded
         tiny = hgt * wid < TINY_PIXELS
+        made: dict[bytes, int] = {}  # file -> the effort it was coded at
 
         def at(q: float, effort: int) -> bytes:
             level, step = self.plan(q, mode)
@@ -522,7 +527,9 @@ class Codec:
                     level = min(levels, key=lambda lv: cost(q, lv, step, lam, probe))
             if mode == "perceptual" and level < PERCEPTUAL_FIT_FROM and block_weight is None:
                 effort = 0  # (a region of interest is fitted all the same: nothing else would steer it here)
-            return code(q, level, step, effort, rdo=rdo)
+            data = code(q, level, step, effort, rdo=rdo)
+            self.encoded_effort = made[data] = effort
+            return data
 
         def cost(q: float, level: float, step: float, lam: float, effort: int) -> float:
             """Squared error of the fidelity decode + lam x bits, of the file at ``level`` and ``effort``."""
@@ -568,12 +575,18 @@ class Codec:
 
         if target_bpp is None:
             return at(quality, effort)
+        data = self._search(at, target_bpp * wid * hgt / 8, effort)
+        self.encoded_effort = made[data]
+        return data
+
+    @staticmethod
+    def _search(at, budget: float, effort: int) -> bytes:
+        """The file of ``at(quality, effort)`` with the most quality in ``budget`` bytes."""
         # The search runs at effort 0, whose files take a fraction of the time; then the
         # quality it found is coded at the effort asked for.  A refined latent may cost a
         # little more than the plain one: then one quality lower by the same ratio is
         # tried, and failing that the effort-0 file that met the target is kept.  When it
         # costs less, higher qualities are tried the same way (at most three fits).
-        budget = target_bpp * wid * hgt / 8
         sizes: dict[int, int] = {}
 
         def size(half: int) -> int:

@@ -44,6 +44,7 @@ def test_encode_decode_info_round_trip(run, small_png, tmp_path):
     res = run("encode", small_png, bdc, "-q", "40", "-v")
     assert res.exit_code == 0 and bdc.exists()
     assert "bytes" in res.stderr and "bpp" in res.stderr
+    assert "quality 40, effort 0," in res.stderr  # perceptual: effort 0 by default
     res = run("decode", bdc, png, "--mode", "fidelity")
     assert res.exit_code == 0
     assert Image.open(png).size == (128, 96)
@@ -109,6 +110,9 @@ def test_usage_errors_exit_2(run, small_png, tmp_path):
         res = run("bench", tmp_path, "--no-speed", *bad)
         assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1, (bad, res.stderr)
     assert "efforts are 0..9, got 12" in res.stderr
+    for args, word in ((("-e", "abc"), "'abc' is not a valid integer "), (("-q", "abc"), "'abc' is not a valid number ")):
+        res = run("encode", small_png, tmp_path / "o.bdc", *args)
+        assert res.exit_code == 2 and word in res.stderr, res.stderr
     for args in (("-q", "nan"), ("--target-bpp", "nan"), ("--roi-weight", "NaN")):  # NaN passes every bound
         res = run("encode", small_png, tmp_path / "o.bdc", *args)
         assert res.exit_code == 2 and "not a number" in res.stderr, args

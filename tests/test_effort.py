@@ -231,13 +231,16 @@ def test_the_default_effort_fits_fidelity_files_only(codec, crop, monkeypatch):
     fits = []
     monkeypatch.setattr(cc, "refine_latent", lambda *a, **k: fits.append(a[5]) or a[2])
     codec.encode(small, quality=20, mode="fidelity")
+    assert codec.encoded_effort == 1
     codec.encode(small, quality=20, mode="perceptual")
-    assert fits == [cc.EFFORT_STEPS[1]]
+    assert fits == [cc.EFFORT_STEPS[1]] and codec.encoded_effort == 0
+    codec.encode(small, quality=0, mode="perceptual", effort=3)  # below PERCEPTUAL_FIT_FROM: not fitted
+    assert len(fits) == 1 and codec.encoded_effort == 0
     monkeypatch.setattr(cc, "DEFAULT_EFFORT_PIXELS", 64 * 96 - 1)  # larger images: effort 0 unless asked
     codec.encode(small, quality=20, mode="fidelity")
-    assert len(fits) == 1
+    assert len(fits) == 1 and codec.encoded_effort == 0
     codec.encode(small, quality=20, mode="fidelity", effort=1)
-    assert len(fits) == 2
+    assert len(fits) == 2 and codec.encoded_effort == 1
 
 
 def test_effort_is_checked(codec, crop):
@@ -252,6 +255,9 @@ def test_target_bpp_with_effort_stays_within_budget(codec, crop):
     data = codec.encode(crop, target_bpp=0.5, mode="fidelity", effort=2)
     bpp = 8 * len(data) / (crop.shape[0] * crop.shape[1])
     assert 0.4 <= bpp <= 0.5
+    # the search codes many effort-0 files; the one kept is either a fitted file or the effort-0 fallback
+    quality = container.unpack(data)[0].quality
+    assert data == codec.encode(crop, quality=quality, mode="fidelity", effort=codec.encoded_effort)
 
 
 def _mask(crop):
@@ -420,6 +426,8 @@ def test_images_above_the_fits_limit_are_coded_at_effort_0_with_a_warning(run, s
     res = run("encode", png, tmp_path / "e2.bdc", "-q", 20, "--tune", "fidelity", "--effort", 2)
     assert res.exit_code == 0, res.output
     assert "the latent is not fitted (effort 0)" in res.output
+    res = run("encode", png, tmp_path / "v.bdc", "-q", 20, "--tune", "fidelity", "-e", 2, "-v")
+    assert "quality 20, effort 0," in res.output  # the -v line says the effort the file was made at
     assert (tmp_path / "e2.bdc").read_bytes() == (tmp_path / "e0.bdc").read_bytes()
 
 
