@@ -227,8 +227,9 @@ def _best_model(q: np.ndarray, activity: np.ndarray) -> tuple:
         tried.add(k)
         n_bands = 3 * DIAGONALS * k
         band = (np.arange(3 * DIAGONALS)[:, None] * k + _classes(values, thresholds)[None]).ravel()
-        merged = np.zeros((n_bands, MAG))
-        np.add.at(merged, band, hist)
+        # the rows of each band summed (np.add.at did it 20x slower: 1.8 s of a fitted 768x512 encode)
+        merged = np.bincount((band[:, None] * MAG + np.arange(MAG)).ravel(), weights=hist.ravel(),
+                             minlength=n_bands * MAG).reshape(n_bands, MAG)
         pbyte, tbyte, bits = _fit(np.bincount(band, weights=n, minlength=n_bands),
                                   np.bincount(band, weights=n1, minlength=n_bands), merged, escapes)
         if best is None or bits < best[0]:
