@@ -123,15 +123,71 @@ def _baseline_point(args) -> dict:
             "pixels": ref.shape[0] * ref.shape[1], "enc_s": t1 - t0, "dec_s": t2 - t1, "_out": out}
 
 
+def _curve_name(mode: str, effort: int) -> str:
+    """The bench's name of bdcodec's curve in ``mode`` at ``effort``."""
+    return f"bdcodec-{mode}" + (f"-e{effort}" if effort else "")
+
+
 def _load_rgb(path) -> np.ndarray:
     with Image.open(path) as im:
         return np.array(im.convert("RGB"))
 
 
 # -- the run ----------------------------------------------------------------------------------
+class _Points:
+    """The bench's points, each appended to ``path`` (JSON lines) as soon as it is measured.
+
+    With ``resume``, the points a run into the same folder measured before are kept and not measured
+    again, provided its ``stamp`` (the weights, whether LPIPS is measured) is this run's; a last line
+    cut short by a kill is dropped.  Without it the file starts afresh.
+    """
+
+    def __init__(self, path: Path, stamp: dict, resume: bool):
+        self.done: dict[tuple, dict] = {}
+        if resume and path.exists():
+            lines = path.read_text().splitlines()
+            try:
+                before = json.loads(lines[0])["bench"] if lines else stamp
+            except (ValueError, KeyError, TypeError):
+                raise BdcError(f"{path}: not a bench's points file; --resume needs the --out of an earlier bench")
+            if before != stamp:
+                what = ", ".join(f"{k} {before.get(k)} there, {v} here" for k, v in stamp.items() if before.get(k) != v)
+                raise BdcError(f"{path} was measured otherwise ({what}): use another --out, or drop --resume")
+            for line in lines[1:]:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # the line being written when the run was stopped
+                    break
+                self.done[self._key(row["codec"], row["setting"], row["image"])] = row
+        self.file = open(path, "w")  # written again: the kept points, then the new ones as they come
+        self._write({"bench": stamp})
+        for row in self.done.values():
+            self._write(row)
+
+    @staticmethod
+    def _key(codec: str, setting, image: str) -> tuple:
+        return codec, float(setting), image
+
+    def get(self, codec: str, setting, image: str) -> dict | None:
+        """The point measured before, if any."""
+        return self.done.get(self._key(codec, setting, image))
+
+    def add(self, row: dict) -> None:
+        self._write(row)
+
+    def _write(self, obj: dict) -> None:
+        self.file.write(json.dumps(obj) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed,
-              fid=False, efforts=None, perception=False, perception_options=None):
-    """``efforts``: the encoder efforts each mode is benched at (default: each mode's own default effort)."""
+              fid=False, efforts=None, perception=False, perception_options=None, resume=False):
+    """``efforts``: the encoder efforts each mode is benched at (default: each mode's own default effort).
+    Each point is kept in ``out_dir``/points.jsonl as it is measured; ``resume`` measures only the points
+    that file lacks (see :class:`_Points`)."""
     from .codec import Codec
     from .effort import DEFAULT_EFFORTS
     from .train import list_images
@@ -168,32 +224,39 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
     codec = None
     if "bdcodec" in codecs:
         codec = Codec(weights, device)
+    points = _Points(out_dir / "points.jsonl", {"weights": codec and codec.weights_id,
+                                                "lpips": metrics.lpips is not None}, resume)
+    if codec is not None:
         mode_efforts = {m: efforts or (DEFAULT_EFFORTS[m],) for m in modes}
         levels = sorted({e for m in modes for e in mode_efforts[m]})
-        pb = bar(len(images) * len(qs) * len(levels), "bdcodec")
-        for p in images:
+        todo = [(p, q, effort) for p in images for q, effort in ((q, e) for e in levels for q in qs)
+                if any(effort in mode_efforts[m] and not points.get(_curve_name(m, effort), q, p.name) for m in modes)]
+        for m in modes:
+            rows += [row for e in mode_efforts[m] for p in images for q in qs
+                     if (row := points.get(_curve_name(m, e), q, p.name))]
+        pb = bar(len(todo), "bdcodec") if todo else None
+        for p, q, effort in todo:
             ref = refs[p.name]
-            for q, effort in ((q, e) for e in levels for q in qs):
-                for mode in modes:  # each mode decodes a file made for it (Codec.plan)
-                    if effort not in mode_efforts[mode]:
-                        continue
-                    t0 = time.perf_counter()
-                    data = codec.encode(ref, quality=q, mode=mode, effort=effort)
-                    enc_s = time.perf_counter() - t0
-                    ent_s = codec.timings.get("entropy_model", 0) + codec.timings.get("rans", 0)
-                    t0 = time.perf_counter()
-                    out, _ = codec.decode(data, mode=mode)
-                    dec_s = time.perf_counter() - t0
-                    name = f"bdcodec-{mode}" + (f"-e{effort}" if effort else "")
-                    row = {"codec": name, "setting": q, "image": p.name, "bytes": len(data),
-                           "pixels": ref.shape[0] * ref.shape[1], "enc_s": enc_s, "dec_s": dec_s,
-                           "entropy_s": ent_s + codec.timings.get("entropy_decode", 0)}
-                    row.update(metrics(ref, out))
-                    rows.append(row)
-                    if patch_fid:
-                        patch_fid.add((row["codec"], q), out)
-                if pb:
-                    pb.update(1)
+            for mode in modes:  # each mode decodes a file made for it (Codec.plan)
+                if effort not in mode_efforts[mode] or points.get(_curve_name(mode, effort), q, p.name):
+                    continue
+                t0 = time.perf_counter()
+                data = codec.encode(ref, quality=q, mode=mode, effort=effort)
+                enc_s = time.perf_counter() - t0
+                ent_s = codec.timings.get("entropy_model", 0) + codec.timings.get("rans", 0)
+                t0 = time.perf_counter()
+                out, _ = codec.decode(data, mode=mode)
+                dec_s = time.perf_counter() - t0
+                row = {"codec": _curve_name(mode, effort), "setting": q, "image": p.name, "bytes": len(data),
+                       "pixels": ref.shape[0] * ref.shape[1], "enc_s": enc_s, "dec_s": dec_s,
+                       "entropy_s": ent_s + codec.timings.get("entropy_decode", 0)}
+                row.update(metrics(ref, out))
+                rows.append(row)
+                points.add(row)
+                if patch_fid:
+                    patch_fid.add((row["codec"], q), out)
+            if pb:
+                pb.update(1)
         if pb:
             pb.close()
 
@@ -205,7 +268,13 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
         if why:
             notes.append(why)
             continue
-        tasks += [(name, q, str(p)) for p in images for q in BASELINES[name]]
+        for p in images:
+            for q in BASELINES[name]:
+                row = points.get(name, q, p.name)
+                if row:
+                    rows.append(row)
+                else:
+                    tasks.append((name, q, str(p)))
     if tasks:
         pb = bar(len(tasks), "baselines")
         pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
@@ -214,6 +283,7 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
             out = res.pop("_out")
             res.update(metrics(refs[res["image"]], out))
             rows.append(res)
+            points.add(res)
             if patch_fid:
                 patch_fid.add((res["codec"], res["setting"]), out)
             if pb:
@@ -223,6 +293,7 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
         if pb:
             pb.close()
 
+    points.close()
     for r in rows:
         r["bpp"] = 8 * r["bytes"] / r["pixels"]
         r["enc_ms_per_mp"] = 1000 * r["enc_s"] / (r["pixels"] / 1e6)

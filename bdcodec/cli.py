@@ -877,8 +877,12 @@ def info(paths):
               help="The diffusion decoder at qualities 0, 25 and 50 against the fidelity decode of the same file and "
                    "AVIF in the same bytes: LPIPS, FID/KID (with --fid), diversity between two seeds, periodic "
                    "structure, temperature and step curves, and crops-q*.png side by side.")
+@click.option("--resume", is_flag=True,
+              help="Keep the points an earlier bench into the same --out measured with the same weights (each is "
+                   "saved to points.jsonl as it is made) and measure only the rest: a long bench stopped part-way "
+                   "goes on where it stopped.  Not with --fid, which needs every decoded image.")
 def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed, fid,
-          efforts, perception):
+          efforts, perception, resume):
     """Rate-distortion-perception and speed benchmark against JPEG, WebP, AVIF and JPEG XL."""
     import warnings
 
@@ -902,6 +906,8 @@ def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights,
                                      param_hint="--qualities") from None
         if not all(0 <= q <= 100 for q in values):  # NaN fails this too
             raise click.BadParameter("qualities are 0..100", param_hint="--qualities")
+    if resume and fid:
+        raise click.BadParameter("FID/KID needs every decoded image, and resumed points keep none", param_hint="--resume")
     levels = None
     if efforts is not None:
         try:
@@ -916,7 +922,8 @@ def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights,
             levels.insert(0, 0)  # the reference of the effort table
     try:
         run_bench(folder, out_dir, codecs.split(","), qualities, modes.split(","), limit, jobs,
-                  lpips_weights, weights, device, speed, fid, None if levels is None else tuple(levels), perception)
+                  lpips_weights, weights, device, speed, fid, None if levels is None else tuple(levels), perception,
+                  resume=resume)
     except BdcError as exc:
         _fail(str(exc))
         sys.exit(1)

@@ -300,3 +300,45 @@ def test_bench_merge_joins_per_image_results_and_leaves_out_incomplete_images(tm
                          capture_output=True, text=True, check=True)
     assert f"| bdcodec-fidelity-e3 | 3 | {e3['bd_rate_psnr']:+.2f} |" in res.stdout
     assert "| n/a (effort 0: n/a) |" in res.stdout and "| bdcodec-fidelity | 0 | +0.00 |" in res.stdout
+
+
+def test_a_stopped_bench_resumes_where_it_stopped(tmp_path, monkeypatch):
+    import json
+
+    from bdcodec import bench
+    from bdcodec.codec import Codec
+    from bdcodec.errors import BdcError
+
+    folder, out = tmp_path / "img", tmp_path / "out"
+    folder.mkdir()
+    for i, path in enumerate(EXAMPLES[:2]):
+        Image.open(path).convert("RGB").crop((0, 0, 96, 64)).save(folder / f"{i}.png")
+    args = dict(codecs=["bdcodec", "jpeg"], qualities="0,40", modes=["fidelity"], limit=None, jobs=1,
+                lpips_weights=None, weights=None, device="cpu", speed=False, efforts=(0,))
+    bench.run_bench(folder, out, **args)
+
+    def columns(path):  # all but the times, which each run measures anew
+        return sorted(",".join(line.split(",")[:7]) for line in path.read_text().splitlines())
+
+    full = columns(out / "results.csv")
+    points = (out / "points.jsonl").read_text().splitlines()
+    lpips = bench.Metrics(None).lpips is not None
+    assert json.loads(points[0]) == {"bench": {"weights": Codec(device="cpu").weights_id, "lpips": lpips}}
+    assert len(points) == 1 + 2 * 2 + 2 * len(bench.BASELINES["jpeg"])  # bdcodec's points come first
+    (out / "points.jsonl").write_text("\n".join(points[:4]) + "\n" + points[4][:30])  # stopped in its 4th point
+    calls = []
+    encode = Codec.encode
+    monkeypatch.setattr(Codec, "encode", lambda self, *a, **k: calls.append(k["quality"]) or encode(self, *a, **k))
+    bench.run_bench(folder, out, **args, resume=True)
+    assert calls == [40]  # only the point cut short is measured again (and the baselines, not kept either)
+    assert columns(out / "results.csv") == full
+    assert len((out / "points.jsonl").read_text().splitlines()) == len(points)
+    bench.run_bench(folder, out, **args, resume=True)
+    assert calls == [40]  # nothing left to measure
+    stamp = json.loads(points[0])
+    stamp["bench"]["weights"] = "0" * 8
+    (out / "points.jsonl").write_text(json.dumps(stamp) + "\n" + "\n".join(points[1:]))
+    with pytest.raises(BdcError, match="weights 00000000 there"):
+        bench.run_bench(folder, out, **args, resume=True)
+    bench.run_bench(folder, out, **args)  # without --resume: measured afresh
+    assert len(calls) == 1 + 4 and columns(out / "results.csv") == full
