@@ -574,7 +574,8 @@ _common = [
                       "--threads / N threads (batch mode; 0: one per CPU core).  Files are the same bytes, "
                       "and decodes the same pixels, as with -j 1."),
     click.option("-v", "--verbose", is_flag=True,
-                 help="One line per file: bytes, bpp and seconds (encode: also the quality and effort used)."),
+                 help="One line per file: bytes, bpp and seconds; encode: also the quality and effort used, "
+                      "decode: the mode."),
     click.option("--quiet", is_flag=True, help="No progress bars and no warnings (errors are still printed)."),
 ]
 
@@ -826,7 +827,11 @@ def _decode_steps(ui: _Terminal, mode, steps, temperature, seed, out_quality, ma
         pixels, header = codec.decode(data, mode=mode, steps=steps, temperature=temperature, seed=seed,
                                       max_pixels=max_pixels, progress=bar)
         _write_output(dst, write_image(pixels, dst, header.gray, quality=out_quality, threads=codec.threads), force)
-        return f"{len(data)} bytes, {8 * len(data) / (header.width * header.height):.4f} bpp"
+        used = mode or header.mode
+        if used == "perceptual":
+            n = header.steps if steps is None else steps
+            used += f" ({n} step{'s' if n > 1 else ''})"
+        return f"{len(data)} bytes, {8 * len(data) / (header.width * header.height):.4f} bpp, {used}"
 
     return check, verify, work
 

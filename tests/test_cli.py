@@ -45,8 +45,10 @@ def test_encode_decode_info_round_trip(run, small_png, tmp_path):
     assert res.exit_code == 0 and bdc.exists()
     assert "bytes" in res.stderr and "bpp" in res.stderr
     assert "quality 40, effort 0," in res.stderr  # perceptual: effort 0 by default
-    res = run("decode", bdc, png, "--mode", "fidelity")
-    assert res.exit_code == 0
+    res = run("decode", bdc, png, "--mode", "fidelity", "-v")
+    assert res.exit_code == 0 and "bpp, fidelity," in res.stderr
+    res = run("decode", bdc, tmp_path / "p.png", "--steps", "2", "-v")  # the file's mode: perceptual
+    assert res.exit_code == 0 and "bpp, perceptual (2 steps)," in res.stderr
     assert Image.open(png).size == (128, 96)
     res = run("info", bdc)
     assert res.exit_code == 0 and "128 x 96" in res.output and "quality:     40" in res.output
