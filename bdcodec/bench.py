@@ -13,6 +13,7 @@ log-rate over the overlapping quality interval (Bjontegaard).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -137,32 +138,76 @@ def _load_rgb(path) -> np.ndarray:
 class _Points:
     """The bench's points, each appended to ``path`` (JSON lines) as soon as it is measured.
 
-    With ``resume``, the points a run into the same folder measured before are kept and not measured
-    again, provided its ``stamp`` (the weights, whether LPIPS is measured) is this run's; a last line
-    cut short by a kill is dropped.  Without it the file starts afresh.
+    The first line is the bench's ``stamp``: the weights of bdcodec's points (None while there are none)
+    and whether LPIPS is measured.  Each point carries a fingerprint of its image's pixels.  With
+    ``resume`` the points there are kept and not measured again, provided the weights and LPIPS agree
+    and each kept point's image is the same picture; only the last line may be cut short (by a kill),
+    and it is dropped.  Without ``resume`` a file that holds points is replaced only with ``force``.
     """
 
-    def __init__(self, path: Path, stamp: dict, resume: bool):
+    def __init__(self, path: Path, stamp: dict, resume: bool, force: bool, prints: dict[str, str]):
         self.done: dict[tuple, dict] = {}
-        if resume and path.exists():
-            lines = path.read_text().splitlines()
-            try:
-                before = json.loads(lines[0])["bench"] if lines else stamp
-            except (ValueError, KeyError, TypeError):
-                raise BdcError(f"{path}: not a bench's points file; --resume needs the --out of an earlier bench")
-            if before != stamp:
-                what = ", ".join(f"{k} {before.get(k)} there, {v} here" for k, v in stamp.items() if before.get(k) != v)
-                raise BdcError(f"{path} was measured otherwise ({what}): use another --out, or drop --resume")
-            for line in lines[1:]:
-                try:
-                    row = json.loads(line)
-                except ValueError:  # the line being written when the run was stopped
-                    break
+        self.path = path
+        rows, before = self._read(path) if path.exists() else ([], None)
+        if rows and not resume and not force:
+            raise BdcError(f"{path} holds {len(rows)} points of an earlier bench: --resume goes on with them, "
+                           "-f measures afresh (and drops them)")
+        if resume and before is not None:
+            if before.get("lpips") != stamp["lpips"]:
+                was = "with" if before.get("lpips") else "without"
+                raise BdcError(f"{path} was measured {was} LPIPS and this bench is not: use the same --lpips-weights, "
+                               "another --out, or -f instead of --resume")
+            if stamp["weights"] is None or before.get("weights") is None:
+                stamp = dict(stamp, weights=stamp["weights"] or before.get("weights"))
+            elif before["weights"] != stamp["weights"]:
+                raise BdcError(f"{path} was measured with the weights {before['weights']}, these are "
+                               f"{stamp['weights']}: use those, another --out, or -f instead of --resume")
+            for row in rows:
+                fingerprint = prints.get(row["image"])
+                if fingerprint is not None and row.get("sha1") != fingerprint:
+                    raise BdcError(f"{path}: the {row['image']} measured there is not the picture in this folder: "
+                                   "use the folder measured there, another --out, or -f instead of --resume")
                 self.done[self._key(row["codec"], row["setting"], row["image"])] = row
-        self.file = open(path, "w")  # written again: the kept points, then the new ones as they come
+        self.stamp = stamp
+        try:
+            self.file = open(path, "w")  # written again: the kept points, then the new ones as they come
+        except OSError as exc:
+            raise BdcError(f"cannot write {path}: {exc.strerror}") from None
         self._write({"bench": stamp})
-        for row in self.done.values():
+        for row in rows if resume else ():
             self._write(row)
+        self.kept = len(self.done)
+
+    @staticmethod
+    def _read(path: Path) -> tuple[list, dict | None]:
+        """The points of ``path`` and its stamp; a BdcError if it is not a bench's points file."""
+        try:
+            lines = path.read_bytes().decode().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BdcError(f"cannot read {path}: {getattr(exc, 'strerror', None) or 'not a bench points file'}") \
+                from None
+        if not lines:
+            return [], None
+        try:
+            stamp = json.loads(lines[0])["bench"]
+            if not isinstance(stamp, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise BdcError(f"{path}: not a bench's points file (use another --out, or -f to replace it)") from None
+        rows = []
+        for n, line in enumerate(lines[1:], 2):
+            try:
+                row = json.loads(line)
+                if not (isinstance(row, dict) and isinstance(row.get("codec"), str) and isinstance(row.get("image"), str)
+                        and all(isinstance(row.get(k), (int, float)) for k in ("setting", "bytes", "pixels", "psnr"))):
+                    raise ValueError
+            except ValueError:
+                if n == len(lines):  # the point being written when the bench was stopped
+                    break
+                raise BdcError(f"{path}, line {n}: not a bench point (use another --out, or -f to replace it)") \
+                    from None
+            rows.append(row)
+        return rows, stamp
 
     @staticmethod
     def _key(codec: str, setting, image: str) -> tuple:
@@ -172,8 +217,8 @@ class _Points:
         """The point measured before, if any."""
         return self.done.get(self._key(codec, setting, image))
 
-    def add(self, row: dict) -> None:
-        self._write(row)
+    def add(self, row: dict, fingerprint: str) -> None:
+        self._write(dict(row, sha1=fingerprint))
 
     def _write(self, obj: dict) -> None:
         self.file.write(json.dumps(obj) + "\n")
@@ -184,10 +229,10 @@ class _Points:
 
 
 def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed,
-              fid=False, efforts=None, perception=False, perception_options=None, resume=False):
+              fid=False, efforts=None, perception=False, perception_options=None, resume=False, force=False):
     """``efforts``: the encoder efforts each mode is benched at (default: each mode's own default effort).
     Each point is kept in ``out_dir``/points.jsonl as it is measured; ``resume`` measures only the points
-    that file lacks (see :class:`_Points`)."""
+    that file lacks, and ``force`` replaces a file that holds points (see :class:`_Points`)."""
     from .codec import Codec
     from .effort import DEFAULT_EFFORTS
     from .train import list_images
@@ -196,7 +241,10 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
     if not images:
         raise BdcError(f"no images in {folder}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BdcError(f"--out {out_dir}: " + ("not a folder" if out_dir.exists() else exc.strerror)) from None
     qs = [float(q) for q in qualities.split(",")] if qualities else DEFAULT_QUALITIES
     for m in modes:
         if m not in ("fidelity", "perceptual"):
@@ -224,8 +272,12 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
     codec = None
     if "bdcodec" in codecs:
         codec = Codec(weights, device)
-    points = _Points(out_dir / "points.jsonl", {"weights": codec and codec.weights_id,
-                                                "lpips": metrics.lpips is not None}, resume)
+    prints = {name: hashlib.sha1(ref.tobytes() + repr(ref.shape).encode()).hexdigest()[:16]
+              for name, ref in refs.items()}
+    points = _Points(out_dir / "points.jsonl", {"weights": codec.weights_id if codec else None,
+                                                "lpips": metrics.lpips is not None}, resume, force, prints)
+    if resume:
+        print(f"bench: {points.kept} points kept from {points.path}", file=sys.stderr, flush=True)
     if codec is not None:
         mode_efforts = {m: efforts or (DEFAULT_EFFORTS[m],) for m in modes}
         levels = sorted({e for m in modes for e in mode_efforts[m]})
@@ -252,7 +304,7 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
                        "entropy_s": ent_s + codec.timings.get("entropy_decode", 0)}
                 row.update(metrics(ref, out))
                 rows.append(row)
-                points.add(row)
+                points.add(row, prints[p.name])
                 if patch_fid:
                     patch_fid.add((row["codec"], q), out)
             if pb:
@@ -283,7 +335,7 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
             out = res.pop("_out")
             res.update(metrics(refs[res["image"]], out))
             rows.append(res)
-            points.add(res)
+            points.add(res, prints[res["image"]])
             if patch_fid:
                 patch_fid.add((res["codec"], res["setting"]), out)
             if pb:

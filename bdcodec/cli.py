@@ -726,7 +726,7 @@ def encode(paths, quality, target_bpp, tune, effort, roi_path, roi_weight, weigh
     if roi_path is not None and effort is not None and effort < ROI_MIN_EFFORT:
         ui.warn(f"--roi fits the latent: effort {ROI_MIN_EFFORT} instead of {effort}")
     elif roi_path is None and effort and tune == "perceptual" and target_bpp is None \
-            and quality < PERCEPTUAL_FIT_QUALITY:
+            and round(quality * 2) / 2 < PERCEPTUAL_FIT_QUALITY:  # the codec's half steps: 16.3 is coded as 16.5
         ui.warn(f"perceptual files below quality {PERCEPTUAL_FIT_QUALITY:g} are not fitted: effort 0, not {effort}")
     steps = (_encode_steps, dict(quality=quality, target_bpp=target_bpp, tune=tune, max_pixels=max_pixels,
                                  force=force, effort=effort, roi_path=roi_path, roi_weight=roi_weight,
@@ -803,6 +803,10 @@ def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, 
                 formats.add(output_format(dst))
         if not formats & set(LOSSY_FORMATS):
             ui.warn("--out-quality applies to lossy outputs only (.jpg, .webp, .avif)")
+    given = [name for name, value in (("--steps", steps), ("--seed", seed)) if value is not None]
+    if mode == "fidelity" and given:
+        ui.warn(f"{' and '.join(given)} steer{'s' if len(given) == 1 else ''} the diffusion decoder: "
+                f"--mode fidelity does not use {'it' if len(given) == 1 else 'them'}")
     options = dict(mode=mode, steps=steps, temperature=temperature, seed=seed, out_quality=out_quality,
                    max_pixels=max_pixels, force=force)
     _run(ui, jobs, force, (_decode_steps, options), weights, device, threads, verbose, workers)
@@ -886,8 +890,11 @@ def info(paths):
               help="Keep the points an earlier bench into the same --out measured with the same weights (each is "
                    "saved to points.jsonl as it is made) and measure only the rest: a long bench stopped part-way "
                    "goes on where it stopped.  Not with --fid, which needs every decoded image.")
+@click.option("-f", "--force", is_flag=True,
+              help="Measure afresh into an --out whose points.jsonl holds an earlier bench's points (dropping them); "
+                   "without it (or --resume) such a folder is refused.")
 def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights, weights, device, speed, fid,
-          efforts, perception, resume):
+          efforts, perception, resume, force):
     """Rate-distortion-perception and speed benchmark against JPEG, WebP, AVIF and JPEG XL."""
     import warnings
 
@@ -913,6 +920,8 @@ def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights,
             raise click.BadParameter("qualities are 0..100", param_hint="--qualities")
     if resume and fid:
         raise click.BadParameter("FID/KID needs every decoded image, and resumed points keep none", param_hint="--resume")
+    if resume and force:
+        raise click.BadParameter("--resume keeps the earlier points, -f drops them: not both", param_hint="--resume")
     levels = None
     if efforts is not None:
         try:
@@ -928,10 +937,14 @@ def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights,
     try:
         run_bench(folder, out_dir, codecs.split(","), qualities, modes.split(","), limit, jobs,
                   lpips_weights, weights, device, speed, fid, None if levels is None else tuple(levels), perception,
-                  resume=resume)
+                  resume=resume, force=force)
     except BdcError as exc:
         _fail(str(exc))
         sys.exit(1)
+    except KeyboardInterrupt:
+        _fail(f"stopped: the points measured so far are in {Path(out_dir) / 'points.jsonl'}; the same command with "
+              "--resume goes on from there")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -335,10 +335,21 @@ def test_a_stopped_bench_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert len((out / "points.jsonl").read_text().splitlines()) == len(points)
     bench.run_bench(folder, out, **args, resume=True)
     assert calls == [40]  # nothing left to measure
+    with pytest.raises(BdcError, match="holds 20 points of an earlier bench"):
+        bench.run_bench(folder, out, **args)  # neither --resume nor -f: the points are not dropped
+    bench.run_bench(folder, out, **dict(args, codecs=["jpeg"]), resume=True)  # a part of it: nothing to measure
+    assert len(calls) == 1 and len((out / "points.jsonl").read_text().splitlines()) == len(points)
     stamp = json.loads(points[0])
     stamp["bench"]["weights"] = "0" * 8
     (out / "points.jsonl").write_text(json.dumps(stamp) + "\n" + "\n".join(points[1:]))
-    with pytest.raises(BdcError, match="weights 00000000 there"):
+    with pytest.raises(BdcError, match="the weights 00000000, these are"):
         bench.run_bench(folder, out, **args, resume=True)
-    bench.run_bench(folder, out, **args)  # without --resume: measured afresh
-    assert len(calls) == 1 + 4 and columns(out / "results.csv") == full
+    (out / "points.jsonl").write_text("\n".join(points[:3] + ["{"] + points[4:]))  # only a last line may be cut
+    with pytest.raises(BdcError, match="line 4: not a bench point"):
+        bench.run_bench(folder, out, **args, resume=True)
+    (out / "points.jsonl").write_text("\n".join(points))
+    Image.open(folder / "0.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "0.png")
+    with pytest.raises(BdcError, match="the 0.png measured there is not the picture in this folder"):
+        bench.run_bench(folder, out, **args, resume=True)
+    bench.run_bench(folder, out, **args, force=True)  # -f: measured afresh
+    assert len(calls) == 1 + 4 and columns(out / "results.csv") != full

@@ -49,6 +49,8 @@ def test_encode_decode_info_round_trip(run, small_png, tmp_path):
     assert res.exit_code == 0 and "bpp, fidelity," in res.stderr
     res = run("decode", bdc, tmp_path / "p.png", "--steps", "2", "-v")  # the file's mode: perceptual
     assert res.exit_code == 0 and "bpp, perceptual (2 steps)," in res.stderr
+    res = run("decode", bdc, png, "-f", "--mode", "fidelity", "--seed", "3")
+    assert res.exit_code == 0 and "--seed steers the diffusion decoder: --mode fidelity does not use it" in res.stderr
     assert Image.open(png).size == (128, 96)
     res = run("info", bdc)
     assert res.exit_code == 0 and "128 x 96" in res.output and "quality:     40" in res.output
@@ -108,7 +110,7 @@ def test_usage_errors_exit_2(run, small_png, tmp_path):
         res = run(cmd, small_png, tmp_path / out)
         assert res.exit_code == 2 and "swapped" in res.stderr and not (tmp_path / out).exists()
     for bad in (("--qualities", "abc"), ("--qualities", "150"), ("--codecs", "foo"), ("--modes", "pretty"),
-                ("--efforts", "x"), ("--efforts", "0,12")):
+                ("--resume", "-f"), ("--resume", "--fid"), ("--efforts", "x"), ("--efforts", "0,12")):
         res = run("bench", tmp_path, "--no-speed", *bad)
         assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1, (bad, res.stderr)
     assert "efforts are 0..9, got 12" in res.stderr

@@ -314,6 +314,8 @@ def test_cli_effort_and_roi(run, shared_codec, tmp_path):
     assert res.exit_code == 0 and "are not fitted: effort 0, not 3" in res.output, res.output
     assert run("encode", png, tmp_path / "p0.bdc", "-q", 10).exit_code == 0
     assert (tmp_path / "p3.bdc").read_bytes() == (tmp_path / "p0.bdc").read_bytes()
+    res = run("encode", png, tmp_path / "p16.bdc", "-e", 1, "-q", 16.3, "-v")  # coded as 16.5: fitted
+    assert res.exit_code == 0 and "not fitted" not in res.output and "quality 16.5, effort 1," in res.output
     res = run("encode", png, tmp_path / "pr.bdc", "--roi", mask, "-q", 10)
     assert res.exit_code == 0 and "not fitted" not in res.output, res.output
     assert (tmp_path / "pr.bdc").read_bytes() != (tmp_path / "p0.bdc").read_bytes()
