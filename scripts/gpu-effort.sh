@@ -11,11 +11,15 @@
 #              (unpinned when there are fewer cores than processes)
 #   WEIGHTS    default the shipped ones;  DEVICE  default cuda (cpu for a dry run)
 #   LPIPS      AlexNet features for the LPIPS column (default .bench/alexnet-features-fp16.pth when there)
+#   WORK       a folder kept between runs (default a temporary one, deleted at the end): each image's bench
+#              goes on from the points an earlier run left there (`bdcodec bench --resume`), so a measurement
+#              longer than one window (effort 9 over Kodak on a 2-core CPU: DEVICE=cpu PROCS=2, about 13 hours)
+#              adds up over several runs
 # The images travel as an ignored folder of their own (the training pack in .gpu would not fit beside them):
 #   mkdir -p .bench/kodak && cp ../shared/data/kodak/*.png .bench/kodak/ && cp .gpu/alexnet-features-fp16.pth .bench/
 # then carry .bench and .whl.  An image whose bench has not finished within the budget is left out of the table
 # and named.  OUTDIR gets effort.md (the table), effort.csv (every row of the images done), effort-logs.tar.gz
-# (each image's bench log and results) and gpu-effort.log.  The exit status is 0 only when the table was made.
+# (each image's bench log, results and points, from which `--resume` can go on) and gpu-effort.log.  The exit status is 0 only when the table was made.
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: scripts/gpu-effort.sh OUTDIR [MINUTES]" >&2; exit 2; }
 out=$(realpath -m "$1")
@@ -38,8 +42,14 @@ lpips_args=()
 if [ -f "$lpips" ]; then lpips_args=(--lpips-weights "$lpips"); else echo "no LPIPS weights at $lpips: LPIPS n/a"; fi
 
 echo "== ${#images[@]} images, efforts ${EFFORTS:-0,9}, $procs at a time"
-work=$(mktemp -d /tmp/bdcodec-effort.XXXXXX)
-mkdir -p "$work/img" "$work/res"
+if [ -n "${WORK:-}" ]; then
+    work=$(realpath -m "$WORK")
+    clean() { :; }
+else
+    work=$(mktemp -d /tmp/bdcodec-effort.XXXXXX)
+    clean() { rm -rf "$work"; }
+fi
+mkdir -p "$work/img" "$work/res" || exit 1
 cores=$(nproc)
 per=$(( cores / procs ))
 slot=0
@@ -47,7 +57,7 @@ pids=()
 for img in "${images[@]}"; do
     while [ "$(jobs -rp | wc -l)" -ge "$procs" ]; do sleep 1; done
     name=$(basename "${img%.*}")
-    mkdir -p "$work/img/$name" && ln -s "$img" "$work/img/$name/"
+    mkdir -p "$work/img/$name" && ln -sfn "$img" "$work/img/$name/"
     pin=()
     if [ "$per" -ge 1 ] && command -v taskset > /dev/null; then
         first=$(( (slot % procs) * per ))
@@ -59,7 +69,7 @@ for img in "${images[@]}"; do
     ( timeout "$limit" "${pin[@]}" python3 -m bdcodec bench "$work/img/$name" \
         --codecs bdcodec --modes fidelity --qualities "${QUALITIES:-0,20,40,50,60,70,80,90}" \
         --efforts "${EFFORTS:-0,9}" --no-speed --device "${DEVICE:-cuda}" ${WEIGHTS:+--weights "$WEIGHTS"} \
-        "${lpips_args[@]}" --out "$work/res/$name" > "$work/res/$name.log" 2>&1
+        "${lpips_args[@]}" --resume --out "$work/res/$name" >> "$work/res/$name.log" 2>&1
       echo "$name: exit $? after $(elapsed) s" ) &
     pids+=($!)
 done
@@ -75,12 +85,13 @@ for img in "${images[@]}"; do
         [ -f "$work/res/$name.log" ] && tail -n 3 "$work/res/$name.log"
     fi
 done
-(cd "$work/res" && tar czf "$out/effort-logs.tar.gz" ./*.log $(find . -name results.csv) 2>/dev/null)
-[ ${#done_csv[@]} -gt 0 ] || { echo "no image done: no table"; rm -rf "$work"; exit 1; }
+(cd "$work/res" && tar czf "$out/effort-logs.tar.gz" ./*.log $(find . -name results.csv -o -name points.jsonl) \
+    2>/dev/null)
+[ ${#done_csv[@]} -gt 0 ] || { echo "no image done: no table"; clean; exit 1; }
 echo "== table"
 python3 scripts/bench-merge.py --csv "$out/effort.csv" "${done_csv[@]}" > "$out/effort.md"
 status=$?
-rm -rf "$work"
+clean
 cat "$out/effort.md"
 echo "== done in $(elapsed) s"
 exit $status
