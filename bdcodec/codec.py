@@ -490,7 +490,6 @@ class Codec:
         x = self._tensor(pixels)
         y0 = self._analyse(x, progress)
         self.timings = {"analysis": time.perf_counter() - t0}
-        self.encoded_effort = None
         if hgt * wid > EFFORT_MAX_PIXELS:
             effort = 0
         block_weight = pixel_weight = None
@@ -528,7 +527,7 @@ class Codec:
             if mode == "perceptual" and level < PERCEPTUAL_FIT_FROM and block_weight is None:
                 effort = 0  # (a region of interest is fitted all the same: nothing else would steer it here)
             data = code(q, level, step, effort, rdo=rdo)
-            self.encoded_effort = made[data] = effort
+            made[data] = effort
             return data
 
         def cost(q: float, level: float, step: float, lam: float, effort: int) -> float:
@@ -574,8 +573,9 @@ class Codec:
             return container.pack(header, streams)
 
         if target_bpp is None:
-            return at(quality, effort)
-        data = self._search(at, target_bpp * wid * hgt / 8, effort)
+            data = at(quality, effort)
+        else:
+            data = self._search(at, target_bpp * wid * hgt / 8, effort)
         self.encoded_effort = made[data]
         return data
 
