@@ -764,9 +764,8 @@ def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, e
             ui.warn(f"{_name(src)}: --target-bpp {target_bpp:g} cannot be met; wrote the smallest file "
                     f"(quality 0, {bpp:.4f} bpp)")
         _write_output(dst, out, force)
-        from .container import unpack
-
-        return f"{len(out)} bytes, {bpp:.4f} bpp, quality {unpack(out)[0].quality:g}, effort {codec.encoded_effort}"
+        return (f"{len(out)} bytes, {bpp:.4f} bpp, quality {codec.encoded_quality:g}, "
+                f"effort {codec.encoded_effort}")
 
     return check, None, work
 

@@ -314,8 +314,10 @@ class Codec:
         for part in (self.model.g_a, self.model.g_s, self.model.texture, self.model.denoiser):
             part.to(self.device, memory_format=self._layout)
         self.timings: dict[str, float] = {}
-        # The effort the last encode's file was made at: what the default, the image's size, the
-        # quality (perceptual files below PERCEPTUAL_FIT_FROM) and a region of interest made of the one asked.
+        # The quality and effort the last encode's file was made at: the quality --target-bpp found,
+        # the effort what the default, the image's size, the quality (perceptual files below
+        # PERCEPTUAL_FIT_FROM) and a region of interest made of the one asked.
+        self.encoded_quality: float | None = None
         self.encoded_effort: int | None = None
         eb = self.model.entropy_bottleneck
         self._z_tables = (eb._quantized_cdf.numpy().astype(np.int64), eb._cdf_length.numpy().astype(np.int64),
@@ -504,7 +506,7 @@ class Codec:
         latents: dict[tuple, tuple] = {}  # (level, effort) -> (streams, y_hat_g, activity)
         recons: dict[tuple, np.ndarray] = {}  # (level, effort) -> fidelity reconstruction, as decoded
         tiny = hgt * wid < TINY_PIXELS
-        made: dict[bytes, int] = {}  # file -> the effort it was coded at
+        made: dict[bytes, tuple[float, int]] = {}  # file -> the quality and effort it was coded at
 
         def at(q: float, effort: int) -> bytes:
             level, step = self.plan(q, mode)
@@ -527,7 +529,7 @@ class Codec:
             if mode == "perceptual" and level < PERCEPTUAL_FIT_FROM and block_weight is None:
                 effort = 0  # (a region of interest is fitted all the same: nothing else would steer it here)
             data = code(q, level, step, effort, rdo=rdo)
-            made[data] = effort
+            made[data] = (q, effort)
             return data
 
         def cost(q: float, level: float, step: float, lam: float, effort: int) -> float:
@@ -576,7 +578,7 @@ class Codec:
             data = at(quality, effort)
         else:
             data = self._search(at, target_bpp * wid * hgt / 8, effort)
-        self.encoded_effort = made[data]
+        self.encoded_quality, self.encoded_effort = made[data]
         return data
 
     @staticmethod
