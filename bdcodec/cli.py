@@ -144,7 +144,7 @@ def _check_output(dst: str, inputs: set, taken: set, force: bool, src: str | Non
         raise BdcError(f"{dst}: cannot check the output ({exc.strerror})") from None
     if st is not None:
         if stat.S_ISDIR(st.st_mode):
-            raise BdcError(f"{dst}: is a folder")
+            raise BdcError(f"{dst}: is a folder (IN... -o DIR writes into a folder)")
         if (st.st_dev, st.st_ino) in inputs:
             raise BdcError(f"{dst}: output would overwrite an input")
         if stat.S_ISREG(st.st_mode) and not force:
@@ -776,9 +776,9 @@ def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, e
               help="perceptual: the diffusion decoder; fidelity: fast, PSNR-oriented.  "
                    "Default: the mode stored in the file (perceptual, unless it was encoded with --tune fidelity).")
 @click.option("--steps", type=_Integer(1, 1000), default=None, help="Diffusion steps (default: the file's, 1 in files of this version, 8 in earlier ones).")
-@click.option("--temperature", type=_Number(0, 2), default=0.5, show_default=True,
-              help="Noise scale of the diffusion sampler (0: none).  With the shipped weights (decoder design 1) "
-                   "it, --seed and --steps barely change the image; see the README.")
+@click.option("--temperature", type=_Number(0, 2), default=None,
+              help="Noise scale of the diffusion sampler (0: none; default 0.5).  With the shipped weights (decoder "
+                   "design 1) it, --seed and --steps barely change the image; see the README.")
 @click.option("--seed", type=_Integer(0, 2**32 - 1), default=None, help="Sampling seed (default from the file).")
 @click.option("--out-quality", type=_Integer(1, 100), default=None,
               help="Quality of a lossy OUT format (.jpg, .webp, .avif), 1..100 "
@@ -802,13 +802,24 @@ def decode(paths, mode, steps, temperature, seed, out_quality, weights, device, 
                 formats.add(output_format(dst))
         if not formats & set(LOSSY_FORMATS):
             ui.warn("--out-quality applies to lossy outputs only (.jpg, .webp, .avif)")
-    given = [name for name, value in (("--steps", steps), ("--seed", seed)) if value is not None]
-    if mode == "fidelity" and given:
-        ui.warn(f"{' and '.join(given)} steer{'s' if len(given) == 1 else ''} the diffusion decoder: "
-                f"--mode fidelity does not use {'it' if len(given) == 1 else 'them'}")
+    if mode == "fidelity" and (given := _sampler_options(steps, temperature, seed)):
+        one = len(given) == 1
+        ui.warn(f"{_words(given)} steer{'s' * one} the diffusion decoder: --mode fidelity does not use "
+                f"{'it' if one else 'them'}")
     options = dict(mode=mode, steps=steps, temperature=temperature, seed=seed, out_quality=out_quality,
                    max_pixels=max_pixels, force=force)
     _run(ui, jobs, force, (_decode_steps, options), weights, device, threads, verbose, workers)
+
+
+def _sampler_options(steps, temperature, seed) -> list[str]:
+    """The diffusion sampler's options given on the command line."""
+    return [name for name, value in (("--steps", steps), ("--temperature", temperature), ("--seed", seed))
+            if value is not None]
+
+
+def _words(names: list[str]) -> str:
+    """``names`` as a list in words: "a", "a and b", "a, b and c"."""
+    return ", ".join(names[:-2] + [" and ".join(names[-2:])])
 
 
 def _decode_steps(ui: _Terminal, mode, steps, temperature, seed, out_quality, max_pixels, force):
@@ -816,10 +827,18 @@ def _decode_steps(ui: _Terminal, mode, steps, temperature, seed, out_quality, ma
     from .container import unpack
     from .imageio import output_format, write_image
 
+    unused = [] if mode is not None else _sampler_options(steps, temperature, seed)
+
     def check(src, dst):
+        nonlocal unused
         data = _source(src)
         header, _ = unpack(_read_input(src) if data is None else data, max_pixels=max_pixels)
         output_format(dst)
+        if unused and header.mode == "fidelity":  # said once: a batch may hold many such files
+            ui.warn(f"{_name(src)} was encoded with --tune fidelity and decodes without the diffusion decoder: "
+                    f"{_words(unused)} {'is' if len(unused) == 1 else 'are'} not used (--mode perceptual decodes "
+                    "it with that decoder)")
+            unused = []
         return data, header
 
     def verify(codec, src, prepared):
@@ -827,8 +846,9 @@ def _decode_steps(ui: _Terminal, mode, steps, temperature, seed, out_quality, ma
 
     def work(codec, src, dst, prepared, bar):
         data = _read_input(src) if prepared[0] is None else prepared[0]
-        pixels, header = codec.decode(data, mode=mode, steps=steps, temperature=temperature, seed=seed,
-                                      max_pixels=max_pixels, progress=bar)
+        sampler = {} if temperature is None else {"temperature": temperature}
+        pixels, header = codec.decode(data, mode=mode, steps=steps, seed=seed, max_pixels=max_pixels, progress=bar,
+                                      **sampler)
         _write_output(dst, write_image(pixels, dst, header.gray, quality=out_quality, threads=codec.threads), force)
         used = mode or header.mode
         if used == "perceptual":
@@ -941,8 +961,13 @@ def bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weights,
         _fail(str(exc))
         sys.exit(1)
     except KeyboardInterrupt:
-        _fail(f"stopped: the points measured so far are in {Path(out_dir) / 'points.jsonl'}; the same command with "
-              "--resume goes on from there")
+        path = Path(out_dir) / "points.jsonl"
+        try:
+            measured = sum(1 for _ in path.open("rb")) > 1  # the first line is the bench's own
+        except OSError:
+            measured = False
+        _fail(f"stopped: the points measured so far are in {path}; the same command with --resume goes on from there"
+              if measured else "stopped before any point was measured")
         sys.exit(130)
 
 

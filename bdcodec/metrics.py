@@ -14,7 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["psnr", "psnr_tensor", "periodic_structure", "lpips_model", "find_lpips_weights", "Metrics", "PatchFID"]
+__all__ = ["psnr", "psnr_tensor", "periodic_structure", "lpips_model", "find_lpips_weights", "Metrics", "PatchFID",
+           "MSSSIM_MIN_SIDE"]
+
+# MS-SSIM's 11-px window at the coarsest of its five scales needs a shorter side of more than
+# (11 - 1) x 2^4 = 160 px (pytorch_msssim asserts on smaller images): smaller ones get no MS-SSIM.
+MSSSIM_MIN_SIDE = 161
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -145,14 +150,14 @@ class Metrics:
             try:
                 self.lpips = lpips_model(path)
             except (ImportError, SystemExit) as exc:
-                self.note = f"LPIPS skipped: {exc or 'install the lpips package'}"
+                self.note = f"LPIPS skipped: {exc or 'the lpips package is missing'} (pip install '.[bench]')"
 
     def __call__(self, ref: np.ndarray, img: np.ndarray) -> dict:
         torch = self.torch
         out = {"psnr": psnr(ref, img)}
         a, b = self._tensor(ref), self._tensor(img)
         with torch.no_grad():
-            if min(ref.shape[:2]) > 160:
+            if min(ref.shape[:2]) >= MSSSIM_MIN_SIDE:
                 out["msssim"] = float(self._ms_ssim(a, b, data_range=1.0))
             if self.lpips is not None:
                 out["lpips"] = float(self.lpips(b, a))

@@ -302,7 +302,7 @@ def test_bench_merge_joins_per_image_results_and_leaves_out_incomplete_images(tm
     assert "| n/a (effort 0: n/a) |" in res.stdout and "| bdcodec-fidelity | 0 | +0.00 |" in res.stdout
 
 
-def test_a_stopped_bench_resumes_where_it_stopped(tmp_path, monkeypatch):
+def test_a_stopped_bench_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     import json
 
     from bdcodec import bench
@@ -322,6 +322,8 @@ def test_a_stopped_bench_resumes_where_it_stopped(tmp_path, monkeypatch):
 
     full = columns(out / "results.csv")
     points = (out / "points.jsonl").read_text().splitlines()
+    notes = json.loads((out / "summary.json").read_text())["notes"]
+    assert any(n.startswith("MS-SSIM skipped on 2 images under 161 px on a side (0.png, 1.png)") for n in notes)
     lpips = bench.Metrics(None).lpips is not None
     assert json.loads(points[0]) == {"bench": {"weights": Codec(device="cpu").weights_id, "lpips": lpips}}
     assert len(points) == 1 + 2 * 2 + 2 * len(bench.BASELINES["jpeg"])  # bdcodec's points come first
@@ -337,8 +339,17 @@ def test_a_stopped_bench_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert calls == [40]  # nothing left to measure
     with pytest.raises(BdcError, match="holds 20 points of an earlier bench"):
         bench.run_bench(folder, out, **args)  # neither --resume nor -f: the points are not dropped
+    jpeg = 2 * len(bench.BASELINES["jpeg"])
+    capsys.readouterr()
     bench.run_bench(folder, out, **dict(args, codecs=["jpeg"]), resume=True)  # a part of it: nothing to measure
     assert len(calls) == 1 and len((out / "points.jsonl").read_text().splitlines()) == len(points)
+    err = capsys.readouterr().err
+    assert f"bench: {jpeg} of the {len(points) - 1} points in" in err and "image not in" not in err
+    bench.run_bench(folder, out, **dict(args, limit=1), resume=True)  # one image of two: the other's points stay
+    assert len(calls) == 1 and len((out / "points.jsonl").read_text().splitlines()) == len(points)
+    err = capsys.readouterr().err
+    assert f"bench: {2 + jpeg // 2} of the {len(points) - 1} points in" in err
+    assert "also holds points of 1 image not in" in err and "(1.png)" in err
     stamp = json.loads(points[0])
     stamp["bench"]["weights"] = "0" * 8
     (out / "points.jsonl").write_text(json.dumps(stamp) + "\n" + "\n".join(points[1:]))

@@ -51,6 +51,9 @@ def test_encode_decode_info_round_trip(run, small_png, tmp_path):
     assert res.exit_code == 0 and "bpp, perceptual (2 steps)," in res.stderr
     res = run("decode", bdc, png, "-f", "--mode", "fidelity", "--seed", "3")
     assert res.exit_code == 0 and "--seed steers the diffusion decoder: --mode fidelity does not use it" in res.stderr
+    res = run("decode", bdc, png, "-f", "--mode", "fidelity", "--steps", "2", "--temperature", "1", "--seed", "3")
+    assert "--steps, --temperature and --seed steer the diffusion decoder: --mode fidelity does not use them" \
+        in res.stderr
     assert Image.open(png).size == (128, 96)
     res = run("info", bdc)
     assert res.exit_code == 0 and "128 x 96" in res.output and "quality:     40" in res.output
@@ -64,6 +67,14 @@ def test_tune_fidelity_sets_the_default_decode_mode(run, small_png, tmp_path):
     assert run("decode", bdc, png).exit_code == 0
     assert run("decode", bdc, explicit, "--mode", "fidelity").exit_code == 0
     assert png.read_bytes() == explicit.read_bytes()
+    # the sampler's options do nothing to such a file: said once, however many files
+    (tmp_path / "c.bdc").write_bytes(bdc.read_bytes())
+    res = run("decode", bdc, tmp_path / "c.bdc", "-o", tmp_path / "out", "--temperature", "1", "--seed", "2")
+    assert res.exit_code == 0 and res.stderr.count("warning") == 1
+    assert "a.bdc was encoded with --tune fidelity and decodes without the diffusion decoder: --temperature and " \
+           "--seed are not used" in res.stderr
+    assert (tmp_path / "out" / "a.png").read_bytes() == png.read_bytes()
+    assert "warning" not in run("decode", bdc, explicit, "-f", "--mode", "perceptual", "--seed", "2").stderr
 
 
 def test_missing_input_is_one_line_and_exit_1(run, tmp_path):
@@ -97,6 +108,23 @@ def test_corrupt_bdc_fails_and_leaves_no_output(run, small_png, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
     res = run("info", bdc)
     assert res.exit_code == 1
+
+
+def test_a_stopped_bench_says_whether_it_measured_anything(run, tmp_path, monkeypatch):
+    import bdcodec.bench
+
+    def stop(folder, out_dir, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bdcodec.bench, "run_bench", stop)
+    res = run("bench", tmp_path, "--out", tmp_path / "b", "--no-speed")
+    assert res.exit_code == 130 and "stopped before any point was measured" in res.stderr
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "points.jsonl").write_text('{"bench": {}}\n')  # the bench's own line only
+    assert "stopped before any point" in run("bench", tmp_path, "--out", tmp_path / "b", "--no-speed").stderr
+    (tmp_path / "b" / "points.jsonl").write_text('{"bench": {}}\n{"codec": "jpeg"}\n')
+    res = run("bench", tmp_path, "--out", tmp_path / "b", "--no-speed")
+    assert res.exit_code == 130 and "the same command with --resume goes on from there" in res.stderr
 
 
 def test_usage_errors_exit_2(run, small_png, tmp_path):
