@@ -51,6 +51,9 @@ def test_encode_decode_info_round_trip(run, small_png, tmp_path):
     assert res.exit_code == 0 and "bpp, perceptual (2 steps)," in res.stderr
     res = run("decode", bdc, png, "-f", "--mode", "fidelity", "--seed", "3")
     assert res.exit_code == 0 and "--seed steers the diffusion decoder: --mode fidelity does not use it" in res.stderr
+    from bdcodec.codec import DEFAULT_TEMPERATURE
+
+    assert f"(0: none; default {DEFAULT_TEMPERATURE:g})" in " ".join(run("decode", "--help").output.split())
     res = run("decode", bdc, png, "-f", "--mode", "fidelity", "--steps", "2", "--temperature", "1", "--seed", "3")
     assert "--steps, --temperature and --seed steer the diffusion decoder: --mode fidelity does not use them" \
         in res.stderr
