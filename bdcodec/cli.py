@@ -775,7 +775,8 @@ def _encode_steps(ui: _Terminal, quality, target_bpp, tune, max_pixels, force, e
 @click.option("--mode", type=click.Choice(["perceptual", "fidelity"]), default=None,
               help="perceptual: the diffusion decoder; fidelity: fast, PSNR-oriented.  "
                    "Default: the mode stored in the file (perceptual, unless it was encoded with --tune fidelity).")
-@click.option("--steps", type=_Integer(1, 1000), default=None, help="Diffusion steps (default: the file's, 1 in files of this version, 8 in earlier ones).")
+@click.option("--steps", type=_Integer(1, 1000), default=None,
+              help="Diffusion steps (default: the file's, 1 in new files, 8 in older ones).")
 @click.option("--temperature", type=_Number(0, 2), default=None,
               help="Noise scale of the diffusion sampler (0: none; default 0.5).  With the shipped weights (decoder "
                    "design 1) it, --seed and --steps barely change the image; see the README.")

@@ -108,7 +108,7 @@ _V2_SHARE = 0.6  # the single plan of version-2 files
 # latent, which renders them poorly (a 1x1 (200, 30, 40) came back as (185, 64, 51)).
 # The encoder tops them up with a refinement layer of step TINY_STEP at every quality,
 # padding partial DCT blocks by repetition so that a lone pixel costs one coefficient:
-# near-lossless for some 60 to 200 bytes.
+# near-lossless for some 130 to 420 bytes (a 1x1 image 135 to 280).
 TINY_PIXELS = 16 * 16
 TINY_STEP = 2.0
 PAD = 64

@@ -1,10 +1,12 @@
 """One table from several `bdcodec bench` runs: their results.csv rows taken together.
 
-    python scripts/bench-merge.py [--csv ALL.csv] RESULTS.csv ...
+    python scripts/bench-merge.py [--curves NAME,...] [--csv ALL.csv] RESULTS.csv ...
 
 Prints the bench's tables (curves, and BD-rates against effort 0 when the runs carry several efforts)
 over the images that every curve has at every setting, so benches run image by image, or on several
-machines, give the table one bench over all of them would.  --csv writes the rows used.
+machines, give the table one bench over all of them would.  --curves takes only the curves named (e.g.
+bdcodec-fidelity,bdcodec-fidelity-e1), so a curve measured on fewer images leaves none out.  --csv writes
+the rows used.
 """
 import argparse
 import csv
@@ -20,6 +22,7 @@ from bdcodec.bench import _curves, _effort_table, _report  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", type=Path, help="results.csv files of `bdcodec bench` runs")
+    ap.add_argument("--curves", help="comma-separated curve names (the results' codec column) to take; default: all")
     ap.add_argument("--csv", type=Path, help="write the rows the table was made from here")
     args = ap.parse_args()
     rows, fields, seen = [], [], {}
@@ -44,6 +47,12 @@ def main() -> None:
                     rows.append(row)
         except (OSError, ValueError) as exc:
             sys.exit(f"bench-merge: {path}: {exc}")
+    if args.curves:
+        wanted = set(args.curves.split(","))
+        unknown = sorted(wanted - {r["codec"] for r in rows})
+        if unknown:
+            sys.exit(f"bench-merge: no curve {unknown[0]} in the results given")
+        rows = [r for r in rows if r["codec"] in wanted]
     if not rows:
         sys.exit("bench-merge: no rows in the results given")
     keys = {(r["codec"], r["setting"]) for r in rows}

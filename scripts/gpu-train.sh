@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU window in one command: the CUDA tests, then training (stage rd, then the diffusion decoder on
+# One GPU window in one command: the CUDA tests beside training (stage rd, then the diffusion decoder on
 # the new latents) within the time given, then weights, logs and the test report in OUTDIR.
 #
 #   scripts/gpu-train.sh OUTDIR [MINUTES]        (MINUTES: the whole script's budget, default 9.3)
@@ -13,7 +13,8 @@
 # extra arguments (which may name their own --stage and --lr), into OUTDIR/bdcodec-gpu-A.safetensors and so on.
 #
 # Run from the repository root on a CUDA machine with python3, torch, numpy, pillow, click and
-# safetensors.  What it does not have comes along in ignored folders, prepared on a machine with pip:
+# safetensors.  What it does not have comes along in ignored folders, prepared on a machine with pip
+# (`mkdir -p .gpu` first):
 #   .whl/   wheels of compressai, constriction, lpips, pytorch_msssim (installed with --no-index)
 #   .gpu/train.tar                   python -m bdcodec.train pack --data ../shared/data/train --out .gpu/train.tar
 #   .gpu/alexnet-features-fp16.pth   the LPIPS AlexNet features (optional: without, no LPIPS term)

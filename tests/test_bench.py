@@ -291,6 +291,14 @@ def test_bench_merge_joins_per_image_results_and_leaves_out_incomplete_images(tm
     twice = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench-merge.py"), str(tmp_path / "a.png.csv"),
                             str(tmp_path / "a.png.csv")], capture_output=True, text=True)
     assert twice.returncode != 0 and "again" in twice.stderr and "Traceback" not in twice.stderr
+    # --curves: effort 0 alone is whole on all three images
+    every = [str(tmp_path / f"{i}.csv") for i in rows_by_image]
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench-merge.py"), "--curves", "bdcodec-fidelity",
+                          *every], capture_output=True, text=True, check=True)
+    assert "3 images" in res.stdout and "left out" not in res.stdout and "-e3" not in res.stdout
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench-merge.py"), "--curves", "bdcodec-fidelity-e9",
+                          *every], capture_output=True, text=True)
+    assert res.returncode != 0 and "no curve bdcodec-fidelity-e9" in res.stderr
     # results kept without their times (as docs/results/kodak-effort.csv) give the BD-rates and no seconds
     with open(tmp_path / "timeless.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields[:-1], extrasaction="ignore")
