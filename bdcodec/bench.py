@@ -177,7 +177,6 @@ class _Points:
         for row in rows if resume else ():
             self._write(row)
         self.kept = len(self.done)
-        self.images = {key[2] for key in self.done}
 
     @staticmethod
     def _read(path: Path) -> tuple[list, dict | None]:
@@ -290,7 +289,7 @@ def run_bench(folder, out_dir, codecs, qualities, modes, limit, jobs, lpips_weig
         used = sum(points.get(*key) is not None for key in plan)
         print(f"bench: {used} of the {points.kept} points in {points.path} kept for this bench", file=sys.stderr,
               flush=True)
-        others = sorted(points.images - {p.name for p in images})
+        others = sorted({key[2] for key in points.done} - {p.name for p in images})
         if others:
             print(f"bench: warning: {points.path} also holds points of {len(others)} image{'s' * (len(others) > 1)} "
                   f"not in {folder} ({', '.join(others[:3])}{', ...' * (len(others) > 3)}); they stay in the file "
